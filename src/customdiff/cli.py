@@ -1,0 +1,186 @@
+"""The `customdiff` command line: subcommands, logging, and exit codes (0 ok, 2 bad input, 1 other)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import typing
+from dataclasses import fields
+from typing import Any
+
+from .errors import UserError
+
+log = logging.getLogger("customdiff")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in one line with exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_config_flags(p: argparse.ArgumentParser, skip: set[str]) -> None:
+    from .config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        kind = hints[f.name]
+        if kind is bool:
+            if f.default:
+                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_)
+            else:
+                p.add_argument(flag, dest=f.name, action="store_true", help=help_)
+            continue
+        if typing.get_origin(kind) is list:
+            p.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="WORD", help=help_)
+            continue
+        p.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"{help_} (default: {f.default})",
+                       choices=f.metadata.get("choices"))
+
+
+def _cmd_train(a: argparse.Namespace) -> None:
+    from .config import TrainConfig
+    from .data import ConceptSpec, read_concepts_file
+    from .train import train
+
+    if a.concepts:
+        if a.concept:
+            raise UserError("give either --concepts FILE or --concept DIR, not both")
+        specs = read_concepts_file(a.concepts)
+    else:
+        if not (a.concept and a.instance_prompt and a.class_prompt):
+            raise UserError("--concept DIR, --instance-prompt and --class-prompt are required (or --concepts FILE)")
+        specs = [ConceptSpec(a.concept, a.instance_prompt, a.class_prompt, reg_dir=a.reg_dir,
+                             reg_captions=a.reg_captions)]
+    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})
+    print(train(cfg, specs, progress=not a.quiet))
+
+
+def _load_with_deltas(base: str, delta_paths: list[str], device: str) -> tuple[Any, Any]:
+    from .base import load_pipeline
+    from .delta import apply_deltas, load_delta
+
+    deltas = [load_delta(p) for p in delta_paths]  # validate every file before the slow base load
+    pipe = load_pipeline(base, device=device)
+    return pipe, apply_deltas(pipe, deltas, delta_paths)
+
+
+def _cmd_sample(a: argparse.Namespace) -> None:
+    from .sample import read_prompts, sample_to_dir, set_scheduler
+
+    prompts = a.prompt or read_prompts(a.prompts_file)
+    if a.n < 1 or a.steps < 1:
+        raise UserError("--n and --steps must be at least 1")
+    pipe, _ = _load_with_deltas(a.base, a.delta or [], a.device)
+    set_scheduler(pipe, a.scheduler)
+    sample_to_dir(pipe, prompts, a.out, n=a.n, seed=a.seed, steps=a.steps, guidance=a.guidance,
+                  resolution=a.resolution, negative_prompt=a.negative_prompt, progress=not a.quiet)
+    print(a.out)
+
+
+def _cmd_toy(a: argparse.Namespace) -> None:
+    from .toy import paths
+
+    print(json.dumps(paths()))
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    from .sample import SCHEDULERS
+
+    p = _Parser(prog="customdiff", description="Custom Diffusion: teach a text-to-image diffusion model new "
+                "concepts by fine-tuning cross-attention K/V and new token embeddings; store small deltas.")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="fine-tune one or several concepts into a delta file",
+                       description="Fine-tune cross-attention (K/V by default) and one new token per concept. "
+                       "Target images are mixed 1:1 with regularization images of the class.")
+    t.add_argument("--base", required=True, help="base pipeline: local diffusers folder, hub id, or 'toy'")
+    t.add_argument("--out", required=True, help="output delta file (.safetensors)")
+    t.add_argument("--concept", metavar="DIR", help="folder of 4-20 photos of the concept (jpg, png, webp)")
+    t.add_argument("--instance-prompt", help="prompt with the new token, e.g. 'photo of a <new1> cat'")
+    t.add_argument("--class-prompt", help="prompt of the class, e.g. 'photo of a cat'")
+    t.add_argument("--reg-dir", metavar="DIR", help="regularization images with captions (.txt beside each "
+                   "image); if absent, --num-class-images are generated by the base and cached")
+    t.add_argument("--reg-captions", metavar="FILE", help="captions of --reg-dir's images, one per line")
+    t.add_argument("--concepts", metavar="FILE", help="JSON list of concepts for joint training "
+                   "(instance_prompt, class_prompt, instance_data_dir, class_data_dir)")
+    _add_config_flags(t, skip={"base", "out"})
+    t.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("sample", help="generate images from a base plus deltas",
+                       description="Generate images; with the pipeline's own scheduler the images equal stock "
+                       "diffusers' pipe(prompt, ..., generator=torch.Generator('cpu').manual_seed(seed)).")
+    s.add_argument("--base", required=True, help="base pipeline: local diffusers folder, hub id, or 'toy'")
+    s.add_argument("--delta", action="append", metavar="FILE", help="delta file to apply (repeatable)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", action="append", help="prompt (repeatable)")
+    g.add_argument("--prompts-file", metavar="FILE", help="text file with one prompt per line")
+    s.add_argument("--n", type=int, default=4, help="images per prompt (default: 4)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the CPU generator (default: 0)")
+    s.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
+    s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    s.add_argument("--resolution", type=int, default=None, help="image size (default: the base's)")
+    s.add_argument("--negative-prompt", default=None, help="negative prompt")
+    s.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
+                   help="replace the pipeline's scheduler (default: keep it, for exact reproducibility)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--out", required=True, help="output folder for {index:04d}.png, grid.png, prompts.json")
+    s.set_defaults(func=_cmd_sample)
+
+    y = sub.add_parser("toy", help="the embedded toy world", description="The embedded toy world.")
+    y.add_argument("what", choices=["paths"], help="paths: print JSON with the toy base, CLIP and concepts")
+    y.set_defaults(func=_cmd_toy)
+    return p
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for name in ("transformers", "diffusers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import diffusers
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        diffusers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `customdiff` command."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    if getattr(args, "device", "x") is None:
+        args.device = _default_device()
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"customdiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("customdiff: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

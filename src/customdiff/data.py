@@ -1,0 +1,242 @@
+"""Training data: concept folders, regularization images with captions, augmentation and 1:1 batches."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import UserError
+from .tokens import find_tokens
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+CAPTION_EXTS = {".txt"}
+FAR_PREFIXES = ("a far away ", "very small ")
+NEAR_PREFIXES = ("zoomed in ", "close up ")
+
+
+@dataclass
+class ConceptSpec:
+    """One concept: its photos and prompts, and where its regularization images come from."""
+
+    instance_dir: str
+    instance_prompt: str
+    class_prompt: str
+    reg_dir: str | None = None
+    reg_captions: str | None = None  # a caption.txt aligned with reg_dir's images.txt (reference layout)
+    initializer: str | None = None
+    tokens: list[str] = field(default_factory=list)
+
+    def class_word(self) -> str:
+        """The class word: the word after the concept's token in its prompt (e.g. "cat")."""
+        words = self.instance_prompt.split()
+        for i, w in enumerate(words):
+            if find_tokens(w) and i + 1 < len(words):
+                return words[i + 1].strip(",.")
+        return self.class_prompt.split()[-1] if self.class_prompt.split() else ""
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open an image as RGB: EXIF orientation applied, transparency composited on white, errors as UserError."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, not mid-training
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: not a readable image ({e}); remove or replace the file") from e
+
+
+def list_images(folder: Path, allow_captions: bool = False) -> list[Path]:
+    """Image files of a folder, sorted; any other file (except caption .txt when allowed) is an error."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such image folder")
+    images = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.is_dir():
+            continue
+        ext = p.suffix.lower()
+        if ext in IMAGE_EXTS:
+            images.append(p)
+        elif not (allow_captions and ext in CAPTION_EXTS):
+            raise UserError(f"{p}: not an image (expected jpg, png, webp); remove it from {folder}")
+    if not images:
+        raise UserError(f"{folder}: contains no images (jpg, png, webp); add 4-20 photos of the concept")
+    return images
+
+
+def read_reg_source(spec: ConceptSpec) -> list[tuple[Path, str]]:
+    """Regularization (image, caption) pairs: sidecar .txt captions, the reference's images.txt +
+    caption.txt, or the class prompt for every image."""
+    assert spec.reg_dir is not None
+    src = Path(spec.reg_dir)
+    if src.is_file():  # reference layout: images.txt listing paths, captions aligned in caption.txt
+        paths = [Path(line.strip()) for line in src.read_text().splitlines() if line.strip()]
+        paths = [p if p.is_absolute() else (src.parent / p if (src.parent / p).exists() else p) for p in paths]
+        caps = _caption_lines(spec, len(paths))
+        return list(zip(paths, caps, strict=True))
+    images = list_images(src, allow_captions=True)
+    caps = _caption_lines(spec, len(images)) if spec.reg_captions else [
+        p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else spec.class_prompt
+        for p in images
+    ]
+    return list(zip(images, caps, strict=True))
+
+
+def _caption_lines(spec: ConceptSpec, n: int) -> list[str]:
+    if not spec.reg_captions:
+        return [spec.class_prompt] * n
+    lines = [x.strip() for x in Path(spec.reg_captions).read_text().splitlines() if x.strip()]
+    if len(lines) < n:
+        raise UserError(f"{spec.reg_captions}: {len(lines)} captions for {n} regularization images; "
+                        "give one caption per line, aligned with the images")
+    return lines[:n]
+
+
+def _resolve(path: str, root: Path) -> str:
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return str(p)
+    return str(root / p)
+
+
+def read_concepts_file(path: str | Path) -> list[ConceptSpec]:
+    """Concepts from a JSON list in the reference's concept_list.json shape."""
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read concepts file ({e}); give a JSON list of concepts") from e
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"{path}: expected a non-empty JSON list of concept objects")
+    specs = []
+    for i, e in enumerate(entries):
+        missing = [k for k in ("instance_prompt", "class_prompt", "instance_data_dir") if k not in e]
+        if missing:
+            raise UserError(f"{path}: concept {i} lacks {', '.join(missing)}")
+        class_prompt, reg_captions = e["class_prompt"], None
+        cand = Path(_resolve(class_prompt, path.parent))
+        if class_prompt.endswith(".txt") and cand.is_file():  # reference: class_prompt names a caption file
+            reg_captions = str(cand)
+            class_prompt = cand.read_text().splitlines()[0].strip() if cand.read_text().strip() else ""
+        reg = e.get("class_data_dir")
+        specs.append(ConceptSpec(
+            instance_dir=_resolve(e["instance_data_dir"], path.parent), instance_prompt=e["instance_prompt"],
+            class_prompt=class_prompt, reg_dir=_resolve(reg, path.parent) if reg else None,
+            reg_captions=reg_captions, initializer=e.get("initializer_token") or e.get("initializer")))
+    return specs
+
+
+def validate_concepts(specs: list[ConceptSpec]) -> list[str]:
+    """Check prompts and folders up front; fill each spec's tokens; return all tokens in order."""
+    all_tokens: list[str] = []
+    for s in specs:
+        s.tokens = find_tokens(s.instance_prompt)
+        if not s.tokens:
+            raise UserError(f"instance prompt {s.instance_prompt!r} has no modifier token; "
+                            "write it like 'photo of a <new1> cat'")
+        list_images(Path(s.instance_dir))
+        for t in s.tokens:
+            if t not in all_tokens:
+                all_tokens.append(t)
+    return all_tokens
+
+
+def image_to_tensor(im: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float tensor (3, H, W) in [-1, 1]."""
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def center_square(im: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square and resize to `size`."""
+    s = min(im.size)
+    left, top = (im.width - s) // 2, (im.height - s) // 2
+    return im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+
+
+def augment(im: Image.Image, prompt: str, size: int, factor: int, rng: np.random.Generator,
+            enabled: bool = True, flip: bool = True) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The reference's target-image augmentation: returns pixels (3,S,S), loss mask (S/f,S/f), prompt.
+
+    With p=2/3 rescale to U[S/3, S] and paste at a random place on a blank (grey) canvas, the mask covering
+    the pasted region shrunk by one latent pixel (prompt prefixed "a far away"/"very small" below 0.6 S);
+    otherwise rescale to U[1.2 S, 1.4 S] and random-crop, full mask, prefix "zoomed in"/"close up".
+    """
+    im = center_square(im, im.width if im.width == im.height else min(im.size))
+    if flip and rng.random() < 0.5:
+        im = ImageOps.mirror(im)
+    m = size // factor
+    if not enabled:
+        return image_to_tensor(im.resize((size, size), Image.BICUBIC)), torch.ones(m, m), prompt
+    if rng.random() < 2 / 3:
+        scale = int(rng.integers(size // 3, size + 1))
+    else:
+        scale = int(rng.integers(int(1.2 * size), int(1.4 * size) + 1))
+    im = im.resize((scale, scale), Image.BICUBIC)
+    mask = torch.zeros(m, m)
+    if scale > size:
+        top, left = (int(rng.integers(0, scale - size + 1)) for _ in range(2))
+        pixels = image_to_tensor(im.crop((left, top, left + size, top + size)))
+        mask[:] = 1.0
+        prompt = str(rng.choice(NEAR_PREFIXES)) + prompt
+    else:
+        top, left = (int(rng.integers(0, size - scale + 1)) for _ in range(2))
+        pixels = torch.zeros(3, size, size)
+        pixels[:, top:top + scale, left:left + scale] = image_to_tensor(im)
+        if scale == size:
+            mask[:] = 1.0
+        else:
+            r0, r1, c0, c1 = top // factor + 1, (top + scale) // factor - 1, left // factor + 1, (left + scale) // factor - 1
+            if r1 <= r0 or c1 <= c0:  # tiny paste at a coarse latent grid: keep the unshrunk region
+                r0, r1, c0, c1 = top // factor, -(-(top + scale) // factor), left // factor, -(-(left + scale) // factor)
+            mask[r0:r1, c0:c1] = 1.0
+        if scale < 0.6 * size:
+            prompt = str(rng.choice(FAR_PREFIXES)) + prompt
+    return pixels, mask, prompt
+
+
+class TrainData:
+    """All training images in memory; builds each step's batch from a (seed, step, rank) generator, so a
+    resumed run sees exactly the batches an uninterrupted one would."""
+
+    def __init__(self, specs: list[ConceptSpec], size: int, factor: int, augment: bool = True,
+                 flip: bool = True):
+        self.size, self.factor, self.augment, self.flip = size, factor, augment, flip
+        self.instances: list[tuple[Image.Image, str]] = []
+        self.reg: list[tuple[Image.Image, str]] = []
+        for s in specs:
+            self.instances += [(load_image(p), s.instance_prompt) for p in list_images(Path(s.instance_dir))]
+            if s.reg_dir:
+                self.reg += [(load_image(p), c) for p, c in read_reg_source(s)]
+        log.info("training data: %d target images, %d regularization images", len(self.instances), len(self.reg))
+
+    def batch(self, seed: int, step: int, rank: int, batch_size: int) -> dict:
+        """Batch for one step: half target images, half regularization images (all target without reg)."""
+        rng = np.random.Generator(np.random.PCG64([seed, step, rank]))
+        n_inst = batch_size // 2 if self.reg else batch_size
+        n_reg = batch_size - n_inst if self.reg else 0
+        pixels, masks, prompts = [], [], []
+        for i in rng.choice(len(self.instances), n_inst, replace=n_inst > len(self.instances)):
+            im, prompt = self.instances[int(i)]
+            p, m, pr = augment(im, prompt, self.size, self.factor, rng, self.augment, self.flip)
+            pixels.append(p)
+            masks.append(m)
+            prompts.append(pr)
+        for i in rng.choice(len(self.reg), n_reg, replace=n_reg > len(self.reg)) if n_reg else []:
+            im, caption = self.reg[int(i)]
+            pixels.append(image_to_tensor(center_square(im, self.size)))
+            masks.append(torch.ones(self.size // self.factor, self.size // self.factor))
+            prompts.append(caption)
+        return {"pixel_values": torch.stack(pixels), "mask": torch.stack(masks).unsqueeze(1), "prompts": prompts}

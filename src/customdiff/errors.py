@@ -1,0 +1,5 @@
+"""Errors that the CLI turns into a one-line message and exit code 2."""
+
+
+class UserError(Exception):
+    """Bad input or usage: the message names the problem and the fix; the CLI exits with code 2."""

@@ -1,0 +1,86 @@
+"""Tiny configurations of the standard Stable Diffusion and CLIP components (same classes, small sizes)."""
+
+from __future__ import annotations
+
+from .tokenizer import MAX_LENGTH
+from .world import SIZE
+
+LATENT_CHANNELS = 4
+LATENT_SIZE = SIZE // 2  # the VAE downsamples once: 32x32x3 -> 16x16x4
+TEXT_HIDDEN = 64
+
+
+def make_vae():
+    """AutoencoderKL 32x32x3 <-> 16x16x4."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=SIZE,
+    )
+
+
+def make_unet():
+    """UNet2DConditionModel with cross-attention at every level (so attn2.to_k / attn2.to_v exist)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8,
+    )
+
+
+def make_text_encoder(vocab_size: int, bos_id: int, eos_id: int):
+    """CLIPTextModel: 3 layers, hidden 64."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=TEXT_HIDDEN,
+        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+    )
+    return CLIPTextModel(cfg)
+
+
+def make_scheduler():
+    """DDIM with the settings that survive a save/load round trip unchanged (GUIDE 9)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+
+
+def make_clip(vocab_size: int, bos_id: int, eos_id: int):
+    """CLIPModel: ViT 32x32 / patch 4 (3 layers, 96 wide) and a 3-layer 64-wide text tower."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    text = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+    )
+    vision = CLIPVisionConfig(
+        image_size=SIZE, patch_size=4, hidden_size=96, intermediate_size=384, num_hidden_layers=3,
+        num_attention_heads=4, num_channels=3,
+    )
+    cfg = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=64)
+    return CLIPModel(cfg)
+
+
+def make_image_processor():
+    """CLIPImageProcessor for 32x32 inputs with OpenAI CLIP's normalisation."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+                              do_resize=True, do_center_crop=True, do_convert_rgb=True)
+
+
+def count_params(module) -> int:
+    """Number of parameters of a torch module."""
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,107 @@
+"""Training of the toy Stable Diffusion: the VAE first, then UNet and text encoder jointly on VAE latents."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import run_loop
+from .models import make_scheduler, make_text_encoder, make_unet, make_vae
+
+log = logging.getLogger(__name__)
+CAPTION_DROPOUT = 0.1  # empty captions, so classifier-free guidance has an unconditional model
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the range the SD VAE expects."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def train_vae(images: np.ndarray, ckpt: Path, steps: int, batch: int = 32, seed: int = 1):
+    """AutoencoderKL with L1+L2 reconstruction and a tiny KL term (the latent is bigger than the image)."""
+    torch.manual_seed(seed)
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+
+    def step(i: int, rng: np.random.Generator, gen: torch.Generator) -> float:
+        x = to_tensor(images[rng.integers(0, len(images), batch)])  # (B, 3, 32, 32)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    losses = run_loop(ckpt, {"vae": vae}, opt, steps, 1e-3, step, seed, name="vae")
+    return vae.eval(), losses
+
+
+@torch.no_grad()
+def encode_all(vae, images: np.ndarray, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Posterior mean and std of every image, and the scaling factor 1/std of sampled latents."""
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        post = vae.encode(to_tensor(images[i:i + batch])).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    mean, std = torch.cat(means), torch.cat(stds)  # (N, 4, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    sample = mean[:2000] + std[:2000] * torch.randn(mean[:2000].shape, generator=g)
+    return mean, std, float(1.0 / sample.std())
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's max length, as the pipeline does it."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def train_unet_text(
+    mean: torch.Tensor, std: torch.Tensor, scaling: float, ids: torch.Tensor, empty_ids: torch.Tensor,
+    tokenizer, ckpt: Path, steps: int, batch: int = 32, lr: float = 5e-4, seed: int = 2,
+):
+    """Joint epsilon-prediction training of UNet and CLIP text encoder; returns EMA copies and the losses."""
+    torch.manual_seed(seed)
+    unet = make_unet()
+    te = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    params = list(unet.parameters()) + list(te.parameters())
+    # no weight decay: unused rows (the rare initializer words) must stay as initialised
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = make_scheduler()
+    acp = sched.alphas_cumprod
+
+    def step(i: int, rng: np.random.Generator, gen: torch.Generator) -> float:
+        idx = torch.from_numpy(rng.integers(0, len(mean), batch))
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling  # (B, 4, 16, 16)
+        tok = ids[idx].clone()
+        drop = torch.from_numpy(rng.random(batch) < CAPTION_DROPOUT)
+        tok[drop] = empty_ids
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        h = te(tok).last_hidden_state  # (B, 32, 64)
+        loss = F.mse_loss(unet(zt, t, h).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + i) / (10 + i))
+        with torch.no_grad():
+            for src, dst in ((unet, ema_unet), (te, ema_te)):
+                for p, q in zip(src.parameters(), dst.parameters(), strict=True):
+                    q.lerp_(p, 1 - decay)
+        return loss.item()
+
+    modules = {"unet": unet, "te": te, "ema_unet": ema_unet, "ema_te": ema_te}
+    losses = run_loop(ckpt, modules, opt, steps, lr, step, seed, name="unet+text")
+    return ema_unet.eval(), ema_te.eval(), losses

@@ -1,0 +1,211 @@
+"""The Custom Diffusion training loop on accelerate, with resumable checkpoints and the delta as output."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .base import load_pipeline
+from .classimages import default_cache_dir, ensure_class_images
+from .config import TrainConfig
+from .data import ConceptSpec, TrainData, validate_concepts
+from .delta import Delta, _atomic_save, base_fingerprint, save_delta
+from .errors import UserError
+from .model import CustomDiffusion
+from .surgery import detach_start_token, freeze_except, trainable_names
+from .tokens import TokenRows, add_tokens, default_initializers
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    """Folder of resumable checkpoints for the run writing `out`."""
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt")
+
+
+def _check_config(cfg: TrainConfig, specs: list[ConceptSpec]) -> list[str]:
+    if not cfg.out or not cfg.out.endswith(".safetensors"):
+        raise UserError(f"--out {cfg.out!r}: give an output file ending in .safetensors")
+    if cfg.train not in ("crossattn_kv", "crossattn"):
+        raise UserError(f"--train {cfg.train!r} is unknown; choose crossattn_kv or crossattn")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.gradient_accumulation < 1:
+        raise UserError("--steps, --batch-size and --gradient-accumulation must be at least 1")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise UserError(f"--mixed-precision {cfg.mixed_precision!r}: choose no, fp16 or bf16")
+    tokens = validate_concepts(specs)
+    if cfg.initializer and len(cfg.initializer) != len(tokens):
+        raise UserError(f"--initializer gives {len(cfg.initializer)} words for {len(tokens)} tokens {tokens}")
+    return tokens
+
+
+def _save_checkpoint(path: Path, step: int, cfg: TrainConfig, params: dict[str, torch.nn.Parameter],
+                     optimizer: torch.optim.Optimizer) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in params.items():
+        tensors[f"param.{name}"] = p.detach().cpu().contiguous()
+        for k, v in optimizer.state.get(p, {}).items():
+            tensors[f"opt.{name}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    meta = {"step": str(step), "config": json.dumps(cfg.to_dict())}
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_save(tensors, meta, path / "latest.safetensors")
+    log.info("checkpoint at step %d in %s", step, path)
+
+
+def _load_checkpoint(path: Path, cfg: TrainConfig, params: dict[str, torch.nn.Parameter],
+                     optimizer: torch.optim.Optimizer) -> int:
+    from safetensors import safe_open
+
+    file = path / "latest.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata()
+    saved = json.loads(meta["config"])
+    differ = [k for k, v in cfg.to_dict().items() if k not in ("resume", "checkpoint_every", "logdir", "steps")
+              and saved.get(k) != v and not (isinstance(v, list) and saved.get(k) == list(v))]
+    if differ:
+        raise UserError(f"{file}: the checkpoint was made with other settings ({', '.join(differ)}); "
+                        "resume with the same flags or start a new --out")
+    tensors = load_file(str(file))
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param.{name}"].to(p))
+            state = {k.rsplit(".", 1)[1]: v.to(p.device) for k, v in tensors.items()
+                     if k.startswith(f"opt.{name}.") and k.count(".") == name.count(".") + 2}
+            if state:
+                optimizer.state[p] = state
+    return int(meta["step"])
+
+
+def _reg_sources(cfg: TrainConfig, specs: list[ConceptSpec], pipe: Any, is_main: bool, accelerator: Any,
+                 progress: bool) -> None:
+    for s in specs:
+        if s.reg_dir or cfg.num_class_images <= 0:
+            continue
+        folder = default_cache_dir(cfg.base, s.class_prompt)
+        if is_main:
+            ensure_class_images(pipe, s.class_prompt, folder, cfg.num_class_images, seed=cfg.seed,
+                                steps=cfg.class_image_steps, progress=progress)
+        accelerator.wait_for_everyone()
+        s.reg_dir = str(folder)
+    if cfg.num_class_images <= 0 and not any(s.reg_dir for s in specs):
+        log.warning("training without regularization images: the class word may drift")
+
+
+def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True) -> Path:
+    """Fine-tune cross-attention (and new token rows) on the concepts; write the delta to cfg.out."""
+    from accelerate import Accelerator
+
+    tokens = _check_config(cfg, specs)
+    out = Path(cfg.out)
+    ckpt = checkpoint_dir(out)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.gradient_accumulation,
+                              log_with="tensorboard" if cfg.logdir else None,
+                              project_dir=cfg.logdir or None)
+    is_main = accelerator.is_main_process
+    pipe = load_pipeline(cfg.base, device=accelerator.device)
+    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
+    factor = pipe.vae_scale_factor
+    size = cfg.resolution or unet.config.sample_size * factor
+    if size % factor:
+        raise UserError(f"--resolution {size} must be a multiple of the VAE's factor {factor}")
+    _reg_sources(cfg, specs, pipe, is_main, accelerator, progress)
+    data = TrainData(specs, size, factor, augment=cfg.augment, flip=cfg.flip)
+
+    # new tokens, each initialised from a rare word (or the user's initializer)
+    inits = list(cfg.initializer) if cfg.initializer else [
+        next((s.initializer for s in specs if t in s.tokens and s.initializer), None) for t in tokens]
+    defaults = iter(default_initializers(tokenizer, sum(w is None for w in inits)))
+    inits = [w if w is not None else next(defaults) for w in inits]
+    text_encoder.requires_grad_(False)
+    vae.requires_grad_(False)
+    token_ids = add_tokens(tokenizer, text_encoder, tokens, inits)
+    token_rows = TokenRows(text_encoder.get_input_embeddings(), token_ids)
+
+    names = trainable_names(unet, cfg.train)
+    base_values = {n: p.detach().float().cpu().clone() for n, p in unet.named_parameters() if n in set(names)}
+    fingerprint = base_fingerprint(unet, names)
+    trainable = freeze_except(unet, names)
+    hooks = detach_start_token(unet)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        text_encoder.gradient_checkpointing_enable()
+    model = CustomDiffusion(unet, text_encoder, vae, pipe.scheduler, token_rows).to(accelerator.device)
+    model.train()
+    params = {**trainable, "<tokens>": token_rows.rows}
+
+    world = accelerator.num_processes
+    lr = cfg.learning_rate * (cfg.batch_size * cfg.gradient_accumulation * world if cfg.scale_lr else 1)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if cfg.resume:
+        if (ckpt / "latest.safetensors").is_file():
+            start = _load_checkpoint(ckpt, cfg, params, optimizer)
+            log.info("resuming %s from step %d", out, start)
+        else:
+            log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt)
+    log.info("training %d token(s) %s initialised from %s; lr %.2e; %d steps at batch %d x %d process(es)",
+             len(tokens), tokens, inits, lr, cfg.steps, cfg.batch_size, world)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.logdir:
+        accelerator.init_trackers("customdiff", config={k: str(v) for k, v in cfg.to_dict().items()})
+
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not (progress and is_main))
+    rank = accelerator.process_index
+    for step in range(start, cfg.steps):
+        for micro in range(cfg.gradient_accumulation):
+            key = step * cfg.gradient_accumulation + micro
+            batch = data.batch(cfg.seed, key, rank, cfg.batch_size)
+            ids = tokenizer(batch["prompts"], padding="max_length", truncation=True,
+                            max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+            gen = torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + key * 7919 + rank)
+            with accelerator.accumulate(model):
+                loss = model(batch["pixel_values"].to(accelerator.device), ids.to(accelerator.device),
+                             batch["mask"].to(accelerator.device), generator=gen)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"loss became {loss.item()} at step {step}; lower --learning-rate")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if cfg.logdir:
+            accelerator.log({"loss": loss.item(), "lr": lr}, step=step)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            if is_main:
+                _save_checkpoint(ckpt, step + 1, cfg, params, getattr(optimizer, "optimizer", optimizer))
+            accelerator.wait_for_everyone()
+    bar.close()
+    for h in hooks:
+        h.remove()
+    token_rows.remove()
+    token_rows.write_back(text_encoder.get_input_embeddings())
+    if cfg.logdir:
+        accelerator.end_training()
+
+    if is_main:
+        delta = Delta(
+            weights={n: (p.detach().float().cpu() - base_values[n]) for n, p in trainable.items()},
+            tokens={t: token_rows.rows.detach().float().cpu()[i] for i, t in enumerate(tokens)},
+            trained=cfg.train,
+            base={"name": cfg.base, "fingerprint": fingerprint, "vocab_size": len(tokenizer) - len(tokens)},
+            token_info=[{"token": t, "initializer": w, "class": next(s.class_word() for s in specs if t in s.tokens)}
+                        for t, w in zip(tokens, inits, strict=True)],
+            config={**cfg.to_dict(), "concepts": [asdict(s) for s in specs], "resolution": size,
+                    "effective_learning_rate": lr, "num_processes": world})
+        save_delta(delta, out)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        log.info("wrote %s", out)
+    accelerator.wait_for_everyone()
+    return out
