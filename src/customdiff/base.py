@@ -62,5 +62,5 @@ def load_pipeline(base: str, dtype: torch.dtype = torch.float32, device: str | t
         raise UserError(f"--base {base}: the tokenizer has no vocabulary; the folder lacks tokenizer files")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    log.info("loaded base %s (%s, prediction %s)", base, resolved, pipe.scheduler.config.get("prediction_type"))
+    log.debug("loaded base %s (%s, prediction %s)", base, resolved, pipe.scheduler.config.get("prediction_type"))
     return pipe

@@ -60,7 +60,9 @@ def _cmd_train(a: argparse.Namespace) -> None:
         specs = [ConceptSpec(a.concept, a.instance_prompt, a.class_prompt, reg_dir=a.reg_dir,
                              reg_captions=a.reg_captions)]
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})
-    print(train(cfg, specs, progress=not a.quiet))
+    out = train(cfg, specs, progress=not a.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:  # one line from the main process under accelerate launch
+        print(out)
 
 
 def _load_with_deltas(base: str, delta_paths: list[str], device: str) -> tuple[Any, Any]:

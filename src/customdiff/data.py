@@ -146,7 +146,8 @@ def validate_concepts(specs: list[ConceptSpec]) -> list[str]:
         if not s.tokens:
             raise UserError(f"instance prompt {s.instance_prompt!r} has no modifier token; "
                             "write it like 'photo of a <new1> cat'")
-        list_images(Path(s.instance_dir))
+        for p in list_images(Path(s.instance_dir)):
+            load_image(p)  # decode every photo now: a broken file fails before any work is done
         for t in s.tokens:
             if t not in all_tokens:
                 all_tokens.append(t)

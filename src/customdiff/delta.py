@@ -99,12 +99,14 @@ def check_base(delta: Delta, unet: torch.nn.Module, source: str) -> None:
     log.info("%s: base matches within tolerance (different precision)", source)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    """Write a safetensors file under a temporary name and rename it, so no partial file is ever seen."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -125,7 +127,7 @@ def save_delta(delta: Delta, path: str | Path) -> None:
         "config": json.dumps(delta.config, default=str),
     }
     meta.update(delta.extra)
-    _atomic_save(tensors, meta, Path(path))
+    atomic_save(tensors, meta, Path(path))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -176,7 +178,7 @@ class AppliedDeltas:
         params = dict(self.pipe.unet.named_parameters())
         for n, t in self._saved.items():
             params[n].data = t
-        self.pipe.text_encoder.resize_token_embeddings(self._rows)
+        self.pipe.text_encoder.resize_token_embeddings(self._rows, mean_resizing=False)
         self.pipe.tokenizer = self._tokenizer
 
 
@@ -209,7 +211,7 @@ def apply_deltas(pipe: Any, deltas: Sequence[Delta], sources: Sequence[str] | No
     new_tokens = [(tok, row) for d in deltas for tok, row in d.tokens.items()]
     if new_tokens:
         pipe.tokenizer.add_tokens([t for t, _ in new_tokens])
-        pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
+        pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
         emb = pipe.text_encoder.get_input_embeddings()
         for tok, row in new_tokens:
             emb.weight.data[pipe.tokenizer.convert_tokens_to_ids(tok)] = row.to(emb.weight)

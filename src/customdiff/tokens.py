@@ -57,7 +57,7 @@ def add_tokens(tokenizer, text_encoder, tokens: Sequence[str], initializers: Seq
     added = tokenizer.add_tokens(list(tokens))
     if added != len(tokens):
         raise UserError(f"could not add tokens {list(tokens)} to the tokenizer")
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     emb = text_encoder.get_input_embeddings()
     for tok, row in zip(tokens, init_rows, strict=True):
         tid = tokenizer.convert_tokens_to_ids(tok)

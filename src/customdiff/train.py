@@ -18,7 +18,7 @@ from .base import load_pipeline
 from .classimages import default_cache_dir, ensure_class_images
 from .config import TrainConfig
 from .data import ConceptSpec, TrainData, validate_concepts
-from .delta import Delta, _atomic_save, base_fingerprint, save_delta
+from .delta import Delta, atomic_save, base_fingerprint, save_delta
 from .errors import UserError
 from .model import CustomDiffusion
 from .surgery import detach_start_token, freeze_except, trainable_names
@@ -57,7 +57,7 @@ def _save_checkpoint(path: Path, step: int, cfg: TrainConfig, params: dict[str, 
             tensors[f"opt.{name}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
     meta = {"step": str(step), "config": json.dumps(cfg.to_dict())}
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_save(tensors, meta, path / "latest.safetensors")
+    atomic_save(tensors, meta, path / "latest.safetensors")
     log.info("checkpoint at step %d in %s", step, path)
 
 
@@ -100,19 +100,24 @@ def _reg_sources(cfg: TrainConfig, specs: list[ConceptSpec], pipe: Any, is_main:
         log.warning("training without regularization images: the class word may drift")
 
 
-def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True) -> Path:
-    """Fine-tune cross-attention (and new token rows) on the concepts; write the delta to cfg.out."""
+def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pipe: Any = None) -> Path:
+    """Fine-tune cross-attention (and new token rows) on the concepts; write the delta to cfg.out.
+
+    `pipe` may be an already loaded base pipeline (it is modified in place: trained weights, new tokens).
+    """
     from accelerate import Accelerator
 
     tokens = _check_config(cfg, specs)
     out = Path(cfg.out)
     ckpt = checkpoint_dir(out)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+    # without a GPU, accelerate only forms a multi-process (gloo) group when told it runs on the CPU
+    on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation,
                               log_with="tensorboard" if cfg.logdir else None,
                               project_dir=cfg.logdir or None)
     is_main = accelerator.is_main_process
-    pipe = load_pipeline(cfg.base, device=accelerator.device)
+    pipe = pipe if pipe is not None else load_pipeline(cfg.base, device=accelerator.device)
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     factor = pipe.vae_scale_factor
     size = cfg.resolution or unet.config.sample_size * factor

@@ -1,0 +1,197 @@
+"""Rebuild every shipped toy asset from scratch: `python -m customdiff.toy.build [--out DIR] [--quick]`.
+
+Stages (each checkpointed under the work dir; a rerun skips finished stages and resumes training):
+data -> vae -> unet+text -> clip -> probe -> concepts -> export (fp16 assets) -> quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .paths import ASSETS
+
+log = logging.getLogger("customdiff.toy.build")
+
+
+@dataclass
+class BuildConfig:
+    """Sizes of the build; `quick` shrinks everything to check the stages end to end."""
+
+    n_images: int = 30000
+    vae_steps: int = 1000
+    unet_steps: int = 3600
+    clip_steps: int = 1500
+    probe_steps: int = 800
+    n_class_images: int = 200
+    n_eval: int = 200
+
+    @classmethod
+    def quick(cls) -> BuildConfig:
+        """A few steps per stage."""
+        return cls(n_images=600, vae_steps=10, unet_steps=10, clip_steps=10, probe_steps=10, n_class_images=4,
+                   n_eval=10)
+
+
+class Builder:
+    """Runs the stages in order, recording the wall time of each in times.json."""
+
+    def __init__(self, out: Path, work: Path, cfg: BuildConfig):
+        self.out, self.work, self.cfg = out, work, cfg
+        work.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        self.times_path = work / "times.json"
+        self.times = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
+        from .tokenizer import make_tokenizer
+
+        self.tok_dir = work / "tokenizer"
+        self.tokenizer = make_tokenizer(self.tok_dir)
+
+    def stage(self, name: str, fn) -> None:
+        """Run fn unless its done-marker exists."""
+        marker = self.work / f"{name}.done"
+        if marker.exists():
+            log.info("stage %s: already done", name)
+            return
+        log.info("stage %s: start", name)
+        t0 = time.time()
+        fn()
+        self.times[name] = self.times.get(name, 0.0) + time.time() - t0
+        self.times_path.write_text(json.dumps(self.times, indent=2))
+        marker.write_text("ok\n")
+        log.info("stage %s: done in %.0f s", name, time.time() - t0)
+
+    # -------------------------------------------------------------------------------------- stages
+    def data(self) -> None:
+        from .probe import scene_targets
+        from .world import sample_dataset
+
+        images, captions, scenes = sample_dataset(self.cfg.n_images, seed=0)
+        np.savez_compressed(self.work / "world.npz", images=images, targets=scene_targets(scenes))
+        (self.work / "captions.json").write_text(json.dumps(captions))
+
+    def _world(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        d = np.load(self.work / "world.npz")
+        return d["images"], d["targets"], json.loads((self.work / "captions.json").read_text())
+
+    def vae(self) -> None:
+        from .train_base import encode_all, train_vae
+
+        images, _, _ = self._world()
+        vae, losses = train_vae(images, self.work / "vae.pt", self.cfg.vae_steps)
+        mean, std, scaling = encode_all(vae, images)
+        vae.register_to_config(scaling_factor=scaling)
+        vae.save_pretrained(self.work / "vae_final")
+        torch.save({"mean": mean.half(), "std": std.half(), "scaling": scaling}, self.work / "latents.pt")
+        self._note("vae", {"final_loss": float(np.mean(losses[-100:])), "scaling_factor": scaling})
+
+    def unet(self) -> None:
+        from .train_base import tokenize, train_unet_text
+
+        _, _, captions = self._world()
+        lat = torch.load(self.work / "latents.pt")
+        ids = tokenize(self.tokenizer, captions)
+        empty = tokenize(self.tokenizer, [""])[0]
+        unet, te, losses = train_unet_text(lat["mean"].float(), lat["std"].float(), lat["scaling"], ids, empty,
+                                           self.tokenizer, self.work / "unet.pt", self.cfg.unet_steps)
+        unet.save_pretrained(self.work / "unet_final")
+        te.save_pretrained(self.work / "te_final")
+        self._note("unet+text", {"final_loss": float(np.mean(losses[-100:])), "first_loss": losses[0]})
+
+    def clip(self) -> None:
+        from .train_base import tokenize
+        from .train_clip import train_clip
+
+        images, _, captions = self._world()
+        ids = tokenize(self.tokenizer, captions)
+        caption_ids = np.unique(np.array(captions), return_inverse=True)[1]
+        model, losses = train_clip(images, ids, caption_ids, self.tokenizer, self.work / "clip.pt",
+                                   self.cfg.clip_steps)
+        model.save_pretrained(self.work / "clip_final")
+        self._note("clip", {"final_loss": float(np.mean(losses[-100:])), "first_loss": losses[0]})
+
+    def probe(self) -> None:
+        from safetensors.torch import save_file
+
+        from .probe import train_probe
+
+        images, targets, _ = self._world()
+        probe, losses = train_probe(images, targets, self.work / "probe.pt", self.cfg.probe_steps)
+        save_file({k: v.half().contiguous() for k, v in probe.state_dict().items()}, self.out / "probe.safetensors")
+        self._note("probe", {"final_loss": float(np.mean(losses[-100:]))})
+
+    def concepts(self) -> None:
+        from .concepts import write_concepts
+
+        write_concepts(self.out / "concepts", n_class_images=self.cfg.n_class_images)
+
+    def export(self) -> None:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPModel, CLIPTextModel
+
+        from .export import folder_mb, load_clip, load_pipeline, save_clip, save_pipeline
+        from .models import make_image_processor
+
+        vae = AutoencoderKL.from_pretrained(self.work / "vae_final")
+        unet = UNet2DConditionModel.from_pretrained(self.work / "unet_final")
+        te = CLIPTextModel.from_pretrained(self.work / "te_final")
+        save_pipeline(vae, unet, te, self.tokenizer, self.out / "base", self.tok_dir)
+        clip = CLIPModel.from_pretrained(self.work / "clip_final")
+        save_clip(clip, self.tokenizer, make_image_processor(), self.out / "clip", self.tok_dir)
+        # the shipped files must load back in float32 with the real tokenizer and generate
+        pipe = load_pipeline(self.out / "base")
+        assert next(pipe.unet.parameters()).dtype == torch.float32
+        img = pipe("photo of a red circle", num_inference_steps=4, output_type="np").images
+        assert img.shape == (1, 32, 32, 3), img.shape
+        load_clip(self.out / "clip")
+        self._note("assets_mb", {"base": folder_mb(self.out / "base"), "clip": folder_mb(self.out / "clip"),
+                                 "concepts": folder_mb(self.out / "concepts")})
+
+    def quality(self) -> None:
+        from .quality import evaluate
+
+        res = evaluate(self.out / "base", self.out / "clip", self.out / "probe.safetensors", self.cfg.n_eval,
+                       samples_png=self.work / "samples.png")
+        self._note("quality", res)
+
+    # -------------------------------------------------------------------------------------- notes
+    def _note(self, key: str, value) -> None:
+        path = self.work / "notes.json"
+        notes = json.loads(path.read_text()) if path.exists() else {}
+        notes[key] = value
+        path.write_text(json.dumps(notes, indent=2))
+
+    def run(self) -> None:
+        """All stages, then a build report (config, times, notes) next to the assets."""
+        for name in ("data", "vae", "unet", "clip", "probe", "concepts", "export", "quality"):
+            self.stage(name, getattr(self, name))
+        notes = json.loads((self.work / "notes.json").read_text())
+        report = {"config": asdict(self.cfg), "stage_seconds": self.times, **notes}
+        (self.out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        log.info("build finished: %s", json.dumps(report))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ASSETS, help="assets folder to write (default: the shipped one)")
+    p.add_argument("--work", type=Path, default=None, help="checkpoint folder (default .toy_build[_quick])")
+    p.add_argument("--quick", action="store_true", help="a few steps per stage, to check the pipeline")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    work = args.work or Path(".toy_build_quick" if args.quick else ".toy_build")
+    cfg = BuildConfig.quick() if args.quick else BuildConfig()
+    Builder(args.out.resolve(), work.resolve(), cfg).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+"""Where the shipped toy assets live."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def paths() -> dict[str, str]:
+    """Absolute folders of the shipped toy pipeline, toy CLIP and personal concepts."""
+    return {"base": str(ASSETS / "base"), "clip": str(ASSETS / "clip"), "concepts": str(ASSETS / "concepts")}

@@ -1,0 +1,101 @@
+"""The command line: end-to-end train/sample, and bad input giving exit 2, one line, no partial output."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from customdiff.cli import main
+
+
+def _train_args(base, concept, out, *extra, prompt="photo of a <new1> cat", reg=None):
+    args = ["train", "--base", base, "--concept", concept, "--instance-prompt", prompt,
+            "--class-prompt", "photo of a cat", "--steps", "2", "--batch-size", "2", "--out", str(out)]
+    if reg:
+        args += ["--reg-dir", reg]
+    return args + list(extra)
+
+
+def _expect_usage_error(capsys, argv, needle, out: Path):
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not out.with_name(out.name + ".ckpt").exists()
+    assert not list(out.parent.glob("*.tmp"))
+
+
+def test_empty_concept_folder(tiny_base, concept_dirs, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "d.safetensors"
+    _expect_usage_error(capsys, _train_args(tiny_base, str(tmp_path / "empty"), out, reg=concept_dirs["reg"]),
+                        "contains no images", out)
+
+
+def test_non_image_among_images(tiny_base, concept_dirs, tmp_path, capsys):
+    d = shutil.copytree(concept_dirs["a"], tmp_path / "c")
+    (d / "readme.doc").write_text("not a picture")
+    out = tmp_path / "d.safetensors"
+    _expect_usage_error(capsys, _train_args(tiny_base, str(d), out, reg=concept_dirs["reg"]), "readme.doc", out)
+
+
+def test_truncated_jpeg(tiny_base, concept_dirs, tmp_path, capsys):
+    d = shutil.copytree(concept_dirs["a"], tmp_path / "c")
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(d / "broken.jpg", quality=95)
+    data = (d / "broken.jpg").read_bytes()
+    (d / "broken.jpg").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "d.safetensors"
+    _expect_usage_error(capsys, _train_args(tiny_base, str(d), out, reg=concept_dirs["reg"]), "broken.jpg", out)
+
+
+def test_instance_prompt_without_token(tiny_base, concept_dirs, tmp_path, capsys):
+    out = tmp_path / "d.safetensors"
+    _expect_usage_error(capsys, _train_args(tiny_base, concept_dirs["a"], out, prompt="photo of a cat",
+                                            reg=concept_dirs["reg"]), "no modifier token", out)
+
+
+def test_unknown_train_value(tiny_base, concept_dirs, tmp_path, capsys):
+    out = tmp_path / "d.safetensors"
+    with pytest.raises(SystemExit) as e:
+        main(_train_args(tiny_base, concept_dirs["a"], out, "--train", "everything", reg=concept_dirs["reg"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "everything" in err
+    assert not out.exists()
+
+
+def test_delta_for_another_base(tiny_base, other_base, concept_dirs, tmp_path, capsys):
+    delta = tmp_path / "d.safetensors"
+    assert main(["-q"] + _train_args(tiny_base, concept_dirs["a"], delta, reg=concept_dirs["reg"])) == 0
+    capsys.readouterr()
+    out = tmp_path / "samples"
+    code = main(["sample", "--base", other_base, "--delta", str(delta), "--prompt", "photo of a <new1> cat",
+                 "--steps", "2", "--n", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "another base" in err, err
+    assert not out.exists()
+
+
+def test_train_and_sample_end_to_end_subprocess(tiny_base, concept_dirs, tmp_path):
+    """The installed console command runs train then sample; images, grid and index are written."""
+    exe = [sys.executable, "-m", "customdiff"]
+    delta = tmp_path / "d.safetensors"
+    r = subprocess.run(exe + ["-q"] + _train_args(tiny_base, concept_dirs["a"], delta, "--num-class-images", "3"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert delta.is_file()
+    out = tmp_path / "s"
+    r = subprocess.run(exe + ["-q", "sample", "--base", tiny_base, "--delta", str(delta), "--prompt", "a <new1> cat",
+                              "--prompt", "a dog", "--n", "2", "--steps", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "0002.png", "0003.png", "grid.png",
+                                                     "prompts.json"]
