@@ -17,8 +17,10 @@ class TrainConfig:
 
     base: str = opt("toy", "base pipeline: a local diffusers folder, a hub id, or 'toy'")
     out: str = opt("", "output delta file (.safetensors)")
-    train: str = opt("crossattn_kv", "what to fine-tune: crossattn_kv (attn2 to_k/to_v) or crossattn (all attn2)",
-                     choices=["crossattn_kv", "crossattn"])
+    train: str = opt("crossattn_kv", "what to fine-tune besides the new tokens: crossattn_kv (attn2 to_k/to_v, "
+                     "Custom Diffusion), crossattn (all of attn2); baselines: unet (DreamBooth-style, whole UNet), "
+                     "tokens (Textual Inversion, token embeddings only)",
+                     choices=["crossattn_kv", "crossattn", "unet", "tokens"])
     steps: int = opt(250, "optimizer steps (about 250 for one concept, 500 for two, at batch 8)")
     batch_size: int = opt(8, "images per step and process, half targets and half regularization images")
     resolution: int = opt(0, "training resolution in pixels; 0 = the base's native size")

@@ -16,6 +16,10 @@ log = logging.getLogger(__name__)
 TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
     "crossattn_kv": ("attn2.to_k.", "attn2.to_v."),
     "crossattn": ("attn2.",),
+    # baselines of the paper's comparison, trained by the same loop: DreamBooth-style (whole UNet + token)
+    # and Textual Inversion (token only)
+    "unet": ("",),
+    "tokens": (),
 }
 
 
@@ -24,7 +28,7 @@ def trainable_names(unet: nn.Module, train: str) -> list[str]:
     if train not in TRAIN_CHOICES:
         raise UserError(f"--train {train!r} is unknown; choose one of {', '.join(TRAIN_CHOICES)}")
     names = [n for n, _ in unet.named_parameters() if any(f in n for f in TRAIN_CHOICES[train])]
-    if not names:
+    if not names and train != "tokens":
         raise UserError(f"the UNet has no cross-attention parameters for --train {train} (no 'attn2' modules)")
     return names
 
@@ -39,8 +43,8 @@ def freeze_except(unet: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:
             trainable[n] = p
     n_train = sum(p.numel() for p in trainable.values())
     n_total = sum(p.numel() for p in unet.parameters())
-    assert n_train > 0 and len(trainable) == len(wanted)
-    log.info("trainable UNet parameters: %d of %d (%.2f%%) in %d tensors", n_train, n_total,
+    assert len(trainable) == len(wanted)
+    log.info("trainable UNet parameters: %d of %d (%.2f%% of the UNet) in %d tensors", n_train, n_total,
              100.0 * n_train / n_total, len(trainable))
     return trainable
 

@@ -21,7 +21,7 @@ from .data import ConceptSpec, TrainData, validate_concepts
 from .delta import Delta, atomic_save, base_fingerprint, save_delta
 from .errors import UserError
 from .model import CustomDiffusion
-from .surgery import detach_start_token, freeze_except, trainable_names
+from .surgery import TRAIN_CHOICES, detach_start_token, freeze_except, trainable_names
 from .tokens import TokenRows, add_tokens, default_initializers
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,8 @@ def checkpoint_dir(out: str | Path) -> Path:
 def _check_config(cfg: TrainConfig, specs: list[ConceptSpec]) -> list[str]:
     if not cfg.out or not cfg.out.endswith(".safetensors"):
         raise UserError(f"--out {cfg.out!r}: give an output file ending in .safetensors")
-    if cfg.train not in ("crossattn_kv", "crossattn"):
-        raise UserError(f"--train {cfg.train!r} is unknown; choose crossattn_kv or crossattn")
+    if cfg.train not in TRAIN_CHOICES:
+        raise UserError(f"--train {cfg.train!r} is unknown; choose one of {', '.join(TRAIN_CHOICES)}")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.gradient_accumulation < 1:
         raise UserError("--steps, --batch-size and --gradient-accumulation must be at least 1")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
@@ -140,7 +140,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     base_values = {n: p.detach().float().cpu().clone() for n, p in unet.named_parameters() if n in set(names)}
     fingerprint = base_fingerprint(unet, names)
     trainable = freeze_except(unet, names)
-    hooks = detach_start_token(unet)
+    # the reference detaches the start token's K/V for Custom Diffusion only, not for its baselines
+    hooks = detach_start_token(unet) if cfg.train in ("crossattn_kv", "crossattn") else []
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         text_encoder.gradient_checkpointing_enable()
