@@ -87,6 +87,15 @@ def _cmd_sample(a: argparse.Namespace) -> None:
     print(a.out)
 
 
+def _cmd_demo(a: argparse.Namespace) -> None:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=a.out, concept=a.concept, steps=a.steps, seed=a.seed)
+    if a.quick:
+        cfg.steps, cfg.prompts, cfg.n, cfg.sample_steps = min(cfg.steps, 30), 2, 2, 10
+    print(run_demo(cfg, progress=not a.quiet))
+
+
 def _cmd_toy(a: argparse.Namespace) -> None:
     from .toy import paths
 
@@ -143,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--out", required=True, help="output folder for {index:04d}.png, grid.png, prompts.json")
     s.set_defaults(func=_cmd_sample)
+
+    d = sub.add_parser("demo", help="the main job: teach a toy concept, sample before/after, write a report",
+                       description="Train one personal concept of the embedded toy world with Custom Diffusion, "
+                       "sample held-out prompts before and after, and write an HTML report with CLIP text and "
+                       "image alignment. A few minutes on a laptop CPU.")
+    d.add_argument("--out", default="out/demo", help="output folder (default: out/demo; replaced if present)")
+    d.add_argument("--concept", default="checker_square", help="toy concept (see `customdiff toy paths`)")
+    d.add_argument("--steps", type=int, default=250, help="training steps (default: 250)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    d.add_argument("--quick", action="store_true", help="a reduced run (30 steps, 2 prompts) for smoke tests")
+    d.set_defaults(func=_cmd_demo)
 
     y = sub.add_parser("toy", help="the embedded toy world", description="The embedded toy world.")
     y.add_argument("what", choices=["paths"], help="paths: print JSON with the toy base, CLIP and concepts")

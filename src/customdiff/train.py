@@ -144,7 +144,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     hooks = detach_start_token(unet) if cfg.train in ("crossattn_kv", "crossattn") else []
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        text_encoder.gradient_checkpointing_enable()
+        enable = getattr(text_encoder, "activation_checkpointing_enable", None) or text_encoder.gradient_checkpointing_enable
+        enable()  # transformers 5 renamed it
     model = CustomDiffusion(unet, text_encoder, vae, pipe.scheduler, token_rows).to(accelerator.device)
     model.train()
     params = {**trainable, "<tokens>": token_rows.rows}

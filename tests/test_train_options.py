@@ -1,0 +1,84 @@
+"""Training options: v-prediction bases, concept files in the reference's shape, checkpointing, baselines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import make_tiny_pipeline
+
+from customdiff.base import load_pipeline
+from customdiff.config import TrainConfig
+from customdiff.data import read_concepts_file
+from customdiff.delta import load_delta
+from customdiff.errors import UserError
+from customdiff.tokens import default_initializers
+from customdiff.train import train
+
+
+def test_v_prediction_base_trains(concept_dirs, tmp_path):
+    base = str(make_tiny_pipeline(tmp_path / "v", seed=2, prediction_type="v_prediction"))
+    from customdiff.data import ConceptSpec
+
+    out = train(TrainConfig(base=base, out=str(tmp_path / "d.safetensors"), steps=2, batch_size=2,
+                            gradient_checkpointing=True),
+                [ConceptSpec(concept_dirs["a"], "photo of a <new1> dog", "photo of a dog", reg_dir=concept_dirs["reg"])],
+                progress=False)
+    d = load_delta(out)
+    assert d.token_info[0]["class"] == "dog"
+    assert all(torch.isfinite(v).all() for v in d.weights.values())
+
+
+def test_reference_concept_list_shape(tiny_base, concept_dirs, tmp_path):
+    # the reference's real_reg layout: class_data_dir is images.txt, class_prompt is caption.txt
+    reg = tmp_path / "real_reg"
+    reg.mkdir()
+    imgs = [str(p) for p in sorted(Path(concept_dirs["reg"]).glob("*.png"))]
+    (reg / "images.txt").write_text("\n".join(imgs) + "\n")
+    (reg / "caption.txt").write_text("\n".join(f"a cat number {i}" for i in range(len(imgs))) + "\n")
+    concepts = [
+        {"instance_prompt": "photo of a <new1> cat", "class_prompt": str(reg / "caption.txt"),
+         "instance_data_dir": concept_dirs["a"], "class_data_dir": str(reg / "images.txt")},
+        {"instance_prompt": "photo of a <new2> dog", "class_prompt": "photo of a dog",
+         "instance_data_dir": concept_dirs["b"], "class_data_dir": concept_dirs["reg"]},
+    ]
+    f = tmp_path / "concepts.json"
+    f.write_text(json.dumps(concepts))
+    specs = read_concepts_file(f)
+    assert specs[0].reg_captions == str(reg / "caption.txt") and specs[0].class_prompt == "a cat number 0"
+    logdir = tmp_path / "tb"
+    out = train(TrainConfig(base=tiny_base, out=str(tmp_path / "j.safetensors"), steps=2, batch_size=4,
+                            logdir=str(logdir)), specs, progress=False)
+    d = load_delta(out)
+    assert [t["token"] for t in d.token_info] == ["<new1>", "<new2>"]
+    assert [t["class"] for t in d.token_info] == ["cat", "dog"]
+    assert any(logdir.rglob("events.out.tfevents*"))
+
+
+def test_textual_inversion_baseline_changes_only_tokens(tiny_base, concept_dirs, tmp_path):
+    from customdiff.data import ConceptSpec
+
+    out = train(TrainConfig(base=tiny_base, out=str(tmp_path / "ti.safetensors"), steps=2, batch_size=2,
+                            train="tokens", learning_rate=1e-3),
+                [ConceptSpec(concept_dirs["a"], "photo of a <new1> cat", "photo of a cat", reg_dir=concept_dirs["reg"])],
+                progress=False)
+    d = load_delta(out)
+    assert d.weights == {} and list(d.tokens) == ["<new1>"]
+
+
+def test_initializer_fallback_and_errors(tiny_base):
+    pipe = load_pipeline(tiny_base)
+    assert default_initializers(pipe.tokenizer, 3) == ["ktn", "pll", "ucd"]
+    assert default_initializers(pipe.tokenizer, 6)[4:] == ["a", "a"]  # fallback once rare words run out
+
+
+def test_bad_concepts_file(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps([{"instance_prompt": "x <new1> cat"}]))
+    with pytest.raises(UserError, match="lacks class_prompt, instance_data_dir"):
+        read_concepts_file(f)
+    f.write_text("{not json")
+    with pytest.raises(UserError, match="cannot read concepts file"):
+        read_concepts_file(f)
