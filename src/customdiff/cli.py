@@ -65,12 +65,18 @@ def _cmd_train(a: argparse.Namespace) -> None:
         print(out)
 
 
-def _load_with_deltas(base: str, delta_paths: list[str], device: str) -> tuple[Any, Any]:
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _load_with_deltas(base: str, delta_paths: list[str], device: str, dtype: str = "float32") -> tuple[Any, Any]:
+    import torch
+
     from .base import load_pipeline
     from .delta import apply_deltas, load_delta
 
     deltas = [load_delta(p) for p in delta_paths]  # validate every file before the slow base load
-    pipe = load_pipeline(base, device=device)
+    pipe = load_pipeline(base, dtype=getattr(torch, DTYPES[dtype]), device=device)
     return pipe, apply_deltas(pipe, deltas, delta_paths)
 
 
@@ -80,7 +86,7 @@ def _cmd_sample(a: argparse.Namespace) -> None:
     prompts = a.prompt or read_prompts(a.prompts_file)
     if a.n < 1 or a.steps < 1:
         raise UserError("--n and --steps must be at least 1")
-    pipe, _ = _load_with_deltas(a.base, a.delta or [], a.device)
+    pipe, _ = _load_with_deltas(a.base, a.delta or [], a.device, a.dtype)
     set_scheduler(pipe, a.scheduler)
     sample_to_dir(pipe, prompts, a.out, n=a.n, seed=a.seed, steps=a.steps, guidance=a.guidance,
                   resolution=a.resolution, negative_prompt=a.negative_prompt, progress=not a.quiet)
@@ -150,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
                    help="replace the pipeline's scheduler (default: keep it, for exact reproducibility)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights' precision (default: float32; "
+                   "float16 halves GPU memory)")
     s.add_argument("--out", required=True, help="output folder for {index:04d}.png, grid.png, prompts.json")
     s.set_defaults(func=_cmd_sample)
 
