@@ -142,7 +142,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
             texts = [" ".join(t.replace(tok, " ").split()) for t in texts]
         feats = clip.image_features(imgs)
         ta = text_alignment(feats, clip.text_features(texts))
-        metrics[name] = {"text_alignment": float(ta["clip_score"] if "clip_score" in ta else ta["cosine"]),
+        metrics[name] = {"text_alignment": float(ta["cosine"]),
                          "image_alignment": float(image_alignment(feats, target_feats))}
     rows = [{"prompt": p.format(phrase), "before": _save_all(before[p], out / "before", f"p{i}_"),
              "after": _save_all(after[p], out / "after", f"p{i}_")} for i, p in enumerate(prompts)]
