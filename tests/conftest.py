@@ -7,11 +7,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from intra-op threads, and several torch processes with 2 threads each on a
+# 2-core machine slow down ~10x from oversubscription (the 2-process accelerate test, subprocess tests).
+os.environ["OMP_NUM_THREADS"] = "1"
 sys.path.insert(0, str(Path(__file__).parent))
+
+torch.set_num_threads(1)
 
 from tiny import make_images, make_reg_dir, make_tiny_pipeline  # noqa: E402
 

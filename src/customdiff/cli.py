@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     y = sub.add_parser("toy", help="the embedded toy world", description="The embedded toy world.")
     y.add_argument("what", choices=["paths"], help="paths: print JSON with the toy base, CLIP and concepts")
     y.set_defaults(func=_cmd_toy)
+
+    from .cli_eval import register as register_eval
+
+    register_eval(sub)
     return p
 
 

@@ -1,0 +1,206 @@
+"""Regularization images by retrieval: rank a local captioned image corpus by CLIP similarity to a class
+prompt and copy the best ones, with their captions, into the layout the trainer's --reg-dir reads.
+
+The corpus's image embeddings are cached in `<corpus>/.customdiff_index.safetensors`, keyed by each file's
+relative name, modification time and size, and updated incrementally; the CLIP is identified by a content
+fingerprint, so another CLIP rebuilds the index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .data import IMAGE_EXTS, load_image
+from .delta import atomic_save
+from .errors import UserError
+from .evaluate import staging_dir
+from .features import ClipFeatures
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = ".customdiff_index.safetensors"
+INDEX_FORMAT = "customdiff.retrieval_index"
+MARKER = ".retrieval.json"  # hidden: the trainer's folder reader skips dot files
+SAVE_EVERY = 4096  # new embeddings between index saves, so an interrupted build keeps its work
+
+
+def scan_corpus(corpus: Path) -> list[tuple[str, int, int]]:
+    """(relative name, mtime_ns, size) of every image with a same-stem .txt caption, recursively, sorted."""
+    if not corpus.is_dir():
+        raise UserError(f"--corpus {corpus}: no such folder")
+    found, uncaptioned = [], 0
+    for root, dirs, files in os.walk(corpus):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        names = set(files)
+        for f in sorted(files):
+            p = Path(root, f)
+            if f.startswith(".") or p.suffix.lower() not in IMAGE_EXTS or "\n" in f:
+                continue
+            if p.stem + ".txt" not in names:
+                uncaptioned += 1
+                continue
+            st = p.stat()
+            found.append((p.relative_to(corpus).as_posix(), st.st_mtime_ns, st.st_size))
+    if uncaptioned:
+        log.warning("%s: skipped %d images without a same-stem .txt caption", corpus, uncaptioned)
+    return sorted(found)
+
+
+def _load_index(path: Path, fingerprint: str) -> dict[tuple[str, int, int], Tensor]:
+    """The cached embeddings keyed by (name, mtime_ns, size), or {} when absent, stale or of another CLIP."""
+    if not path.is_file():
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != INDEX_FORMAT or meta.get("clip") != fingerprint:
+            log.info("%s: made with another CLIP or format; rebuilding", path)
+            return {}
+        t = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        log.warning("%s: unreadable index (%s); rebuilding", path, e)
+        return {}
+    names = t["names"].numpy().tobytes().decode("utf-8", "surrogateescape").split("\n") if t["names"].numel() else []
+    keys = zip(names, t["mtime_ns"].tolist(), t["size"].tolist(), strict=True)
+    return {k: row for k, row in zip(keys, t["features"], strict=True)}
+
+
+def _save_index(path: Path, cache: dict[tuple[str, int, int], Tensor], fingerprint: str, dim: int) -> None:
+    keys = sorted(cache)
+    tensors = {
+        "features": torch.stack([cache[k] for k in keys]) if keys else torch.empty(0, dim),  # (N, D)
+        "names": torch.frombuffer(bytearray("\n".join(k[0] for k in keys).encode("utf-8", "surrogateescape")),
+                                  dtype=torch.uint8) if keys else torch.empty(0, dtype=torch.uint8),
+        "mtime_ns": torch.tensor([k[1] for k in keys], dtype=torch.int64),
+        "size": torch.tensor([k[2] for k in keys], dtype=torch.int64),
+    }
+    try:
+        atomic_save(tensors, {"format": INDEX_FORMAT, "format_version": "1", "clip": fingerprint}, path)
+    except OSError as e:  # a read-only corpus still works, only without the cache
+        log.warning("cannot write the index %s (%s); embeddings will be recomputed next time", path, e)
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def build_index(corpus: str | Path, clip: ClipFeatures, index_path: str | Path | None = None,
+                progress: bool = False, batch_size: int = 64) -> tuple[list[str], Tensor]:
+    """Relative names and L2-normalised CLIP embeddings (N, D) of the corpus's captioned images, embedding
+    only files that are new or changed since the cached index (which is then updated)."""
+    corpus = Path(corpus)
+    path = Path(index_path) if index_path else corpus / INDEX_FILE
+    files = scan_corpus(corpus)
+    fp = clip.fingerprint()
+    cached = _load_index(path, fp)
+    cache = {k: cached[k] for k in files if k in cached}  # drops deleted and changed files
+    todo = [k for k in files if k not in cache]
+    log.info("%s: %d captioned images, %d cached, %d to embed", corpus, len(files), len(cache), len(todo))
+    broken: set[tuple[str, int, int]] = set()
+    since_save = 0
+    with tqdm(total=len(todo), desc="index", disable=not progress or not todo) as bar:
+        for keys in _batches(todo, batch_size):
+            images, ok = [], []
+            for k in keys:
+                try:
+                    images.append(load_image(corpus / k[0]))
+                    ok.append(k)
+                except UserError as e:
+                    log.warning("skipping %s", e)
+                    broken.add(k)
+            for k, row in zip(ok, clip.image_features(images), strict=True):
+                cache[k] = row
+            since_save += len(keys)
+            bar.update(len(keys))
+            if since_save >= SAVE_EVERY:
+                _save_index(path, cache, fp, clip.dim)
+                since_save = 0
+    if todo or len(cache) != len(cached):
+        _save_index(path, cache, fp, clip.dim)
+    keys = [k for k in files if k not in broken]
+    feats = torch.stack([cache[k] for k in keys]) if keys else torch.empty(0, clip.dim)
+    return [k[0] for k in keys], feats
+
+
+def top_k(feats: Tensor, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Scores and indices of the k rows of `feats` (N, D) with the largest inner product with `query` (D,);
+    uses faiss when it is installed, torch otherwise."""
+    try:
+        import faiss  # optional: faster on large corpora
+    except ImportError:
+        scores = feats.float() @ query.float()  # (N,)
+        return torch.topk(scores, k)
+    index = faiss.IndexFlatIP(feats.shape[1])
+    index.add(feats.float().contiguous().numpy())
+    s, i = index.search(query.float().reshape(1, -1).contiguous().numpy(), k)
+    return torch.from_numpy(s[0]), torch.from_numpy(i[0]).long()
+
+
+def _check_out(out: Path, corpus: Path) -> None:
+    if out.resolve().is_relative_to(corpus.resolve()):
+        raise UserError(f"--out {out}: inside the corpus {corpus}; its copies would be indexed again")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+        raise UserError(f"--out {out}: exists and is not an earlier `customdiff retrieve` output; "
+                        "choose a new or empty folder")
+
+
+def _publish(staging: Path, out: Path) -> None:
+    if out.exists():
+        old = staging.with_name(staging.name + ".old")
+        os.replace(out, old)  # an earlier retrieval (checked by _check_out) or an empty folder
+        os.replace(staging, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, out)
+
+
+def retrieve(corpus: str | Path, class_prompt: str, n: int, out: str | Path, clip: ClipFeatures,
+             index_path: str | Path | None = None, progress: bool = False) -> list[dict]:
+    """Copy the n corpus images most similar to `class_prompt` into `out` as 000000.png + 000000.txt
+    (caption), atomically; returns [{"file", "source", "caption", "score"}] best first."""
+    corpus, out = Path(corpus), Path(out)
+    if n < 1:
+        raise UserError("-n must be at least 1")
+    if not class_prompt.strip():
+        raise UserError("--class-prompt is empty; give a prompt such as 'photo of a cat'")
+    _check_out(out, corpus)
+    names, feats = build_index(corpus, clip, index_path, progress)
+    if len(names) < n:
+        raise UserError(f"--corpus {corpus}: only {len(names)} captioned images, fewer than -n {n}")
+    query = clip.text_features([class_prompt])[0]  # (D,)
+    scores, idx = top_k(feats, query, n)
+    items = []
+    staging = staging_dir(out)
+    try:
+        for rank, (s, i) in enumerate(zip(scores.tolist(), idx.tolist(), strict=True)):
+            src = corpus / names[i]
+            dest = staging / f"{rank:06d}.png"
+            if src.suffix.lower() == ".png":
+                shutil.copyfile(src, dest)
+            else:
+                load_image(src).save(dest, format="PNG")
+            caption = src.with_suffix(".txt").read_text().strip()
+            dest.with_suffix(".txt").write_text(caption + "\n")
+            items.append({"file": dest.name, "source": names[i], "caption": caption, "score": s})
+        (staging / MARKER).write_text(json.dumps({"corpus": str(corpus.resolve()), "class_prompt": class_prompt,
+                                                  "clip": clip.path, "items": items}, indent=1) + "\n")
+        _publish(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    log.info("copied %d images (scores %.4f to %.4f) to %s", n, items[0]["score"], items[-1]["score"], out)
+    return items
