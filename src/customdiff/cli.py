@@ -102,6 +102,21 @@ def _cmd_demo(a: argparse.Namespace) -> None:
     print(run_demo(cfg, progress=not a.quiet))
 
 
+def _cmd_bench(a: argparse.Namespace) -> None:
+    from .bench import BenchConfig, run_bench
+
+    cfg = BenchConfig.quick() if a.quick else BenchConfig()
+    if a.concepts:
+        cfg.concepts = a.concepts
+    if a.pairs is not None:
+        cfg.pairs = a.pairs
+    if a.steps:
+        cfg.steps = a.steps
+    out = run_bench(cfg, a.out, progress=not a.quiet)
+    print((out / "results.md").read_text())
+    print(f"report: {out / 'report.html'}")
+
+
 def _cmd_toy(a: argparse.Namespace) -> None:
     from .toy import paths
 
@@ -171,6 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     d.add_argument("--quick", action="store_true", help="a reduced run (30 steps, 2 prompts) for smoke tests")
     d.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser("bench", help="the paper's comparisons on the toy world (CD vs DreamBooth vs TI; joint vs "
+                       "merge)", description="Train Custom Diffusion, its ablations (no regularization, no "
+                       "augmentation), DreamBooth-style and Textual Inversion on the toy concepts, and joint "
+                       "training vs closed-form merge vs two deltas on concept pairs; evaluate text alignment, "
+                       "image alignment and KID with the toy CLIP; write results.md, results.json, report.html.")
+    b.add_argument("--quick", action="store_true", help="one concept and one pair, fewer samples (~15 min on 2 cores)")
+    b.add_argument("--out", required=True, help="output folder (replaced when the run completes)")
+    b.add_argument("--concepts", nargs="+", metavar="NAME", help="toy concepts to run (default: all, or one with --quick)")
+    b.add_argument("--pairs", type=int, default=None, help="number of concept pairs (default: 3, or 1 with --quick)")
+    b.add_argument("--steps", type=int, default=0, help="training steps per single concept (pairs train twice as long)")
+    b.set_defaults(func=_cmd_bench)
 
     y = sub.add_parser("toy", help="the embedded toy world", description="The embedded toy world.")
     y.add_argument("what", choices=["paths"], help="paths: print JSON with the toy base, CLIP and concepts")
