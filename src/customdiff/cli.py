@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     y.set_defaults(func=_cmd_toy)
 
     from .cli_eval import register as register_eval
+    from .cli_extra import register as register_extra
 
+    register_extra(sub)
     register_eval(sub)
     return p
 

@@ -1,0 +1,138 @@
+"""Subcommands merge, compress, export and import; `register(sub)` adds them to the main parser."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("customdiff")
+
+
+def _out_file(path: str) -> Path:
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        raise UserError(f"-o {path}: the output delta must end in .safetensors")
+    if p.is_dir():
+        raise UserError(f"-o {path}: is a folder; give a file name")
+    return p
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _cmd_merge(a: argparse.Namespace) -> None:
+    from .base import load_pipeline
+    from .delta import load_delta, save_delta
+    from .merge import merge_deltas, read_captions
+
+    if len(a.deltas) < 2:
+        raise UserError("merge needs at least two delta files")
+    out = _out_file(a.out)
+    if a.ridge < 0:
+        raise UserError(f"--ridge {a.ridge}: must be >= 0")
+    deltas = [load_delta(p) for p in a.deltas]  # validate every input before the slow base load
+    captions = read_captions(a.reg_captions)
+    pipe = load_pipeline(a.base, device=a.device or "cpu")
+    merged = merge_deltas(deltas, pipe, captions, sources=a.deltas, ridge=a.ridge, base_name=a.base)
+    save_delta(merged, out)
+    print(out)
+
+
+def _cmd_compress(a: argparse.Namespace) -> None:
+    from .compress import compress_delta
+    from .delta import load_delta, save_delta
+
+    out = _out_file(a.out)
+    delta = load_delta(a.delta)
+    small = compress_delta(delta, energy=a.energy, rank=a.rank)
+    save_delta(small, out)
+    before, after = Path(a.delta).stat().st_size, out.stat().st_size
+    print(f"{a.delta}: {_human(before)} -> {out}: {_human(after)} ({100.0 * after / max(before, 1):.1f}%)")
+
+
+def _cmd_export(a: argparse.Namespace) -> None:
+    from .delta import check_base, load_delta
+    from .interop import export_delta
+
+    delta = load_delta(a.delta)
+    if a.base:  # optional: confirm the delta belongs to this base before handing it to other tools
+        from .base import load_pipeline
+
+        check_base(delta, load_pipeline(a.base).unet, a.delta)
+    print(export_delta(delta, a.to, a.out))
+
+
+def _cmd_import(a: argparse.Namespace) -> None:
+    from .base import load_pipeline
+    from .delta import save_delta
+    from .interop import import_reference
+
+    out = _out_file(a.out)
+    if not Path(a.file).is_file():
+        raise UserError(f"{a.file}: no such file")
+    pipe = load_pipeline(a.base)
+    save_delta(import_reference(a.file, pipe, a.base, a.class_word), out)
+    print(out)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the merge, compress, export and import subcommands to `sub`."""
+    from .interop import EXPORT_FORMATS
+    from .merge import DEFAULT_RIDGE
+
+    m = sub.add_parser("merge", help="closed-form merge of separately trained deltas into one",
+                       description="Merge deltas of one base: each cross-attention K/V matrix is solved in closed "
+                       "form so every concept's prompts keep their fine-tuned outputs while generic captions change "
+                       "as little as possible (docs/MERGE.md). Clashing token names are renamed (<new2>, ...); "
+                       "residuals are logged and stored in the merged delta.")
+    m.add_argument("deltas", nargs="+", metavar="DELTA", help="delta files (two or more)")
+    m.add_argument("--base", required=True, help="base pipeline the deltas were trained on: folder, hub id or 'toy'")
+    m.add_argument("--reg-captions", metavar="FILE", default=None,
+                   help="generic captions, one per line (default: the 460 shipped with customdiff)")
+    m.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
+                   help=f"ridge added to C_reg^T C_reg, relative to its mean eigenvalue (default: {DEFAULT_RIDGE})")
+    m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    m.add_argument("-o", "--out", required=True, metavar="OUT.safetensors", help="output delta file")
+    m.set_defaults(func=_cmd_merge)
+
+    c = sub.add_parser("compress", help="low-rank compression of a delta",
+                       description="Replace each weight change by a truncated SVD (up @ down). Prints the size "
+                       "before and after. Sampling reads compressed deltas like any other.")
+    c.add_argument("delta", metavar="DELTA", help="delta file")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--energy", type=float, help="keep the smallest rank whose singular values sum to this fraction "
+                   "of the total (the reference uses 0.6)")
+    g.add_argument("--rank", type=int, help="keep this rank in every matrix")
+    c.add_argument("-o", "--out", required=True, metavar="OUT.safetensors", help="output delta file")
+    c.set_defaults(func=_cmd_compress)
+
+    e = sub.add_parser("export", help="export a delta as a LoRA plus embeddings for other tools",
+                       description="diffusers-lora: pytorch_lora_weights.safetensors (load with "
+                       "pipe.load_lora_weights(DIR, weight_name='pytorch_lora_weights.safetensors')) and one "
+                       "{token: row} file per token (pipe.load_textual_inversion(FILE, token=TOKEN)); exact at "
+                       "full rank. kohya: lora_unet_* keys with alpha = rank, for AUTOMATIC1111 and ComfyUI, plus "
+                       "emb_params embeddings. The folder also gets customdiff_export.json.")
+    e.add_argument("delta", metavar="DELTA", help="delta file")
+    e.add_argument("--to", required=True, choices=list(EXPORT_FORMATS), help="target format")
+    e.add_argument("--base", default=None, help="optional: check the delta against this base first")
+    e.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
+    e.set_defaults(func=_cmd_export)
+
+    i = sub.add_parser("import", help="import a reference-repo delta (delta.ckpt or delta.bin)",
+                       description="Read the reference Custom Diffusion repo's CompVis delta.ckpt or diffusers "
+                       "delta.bin (torch.load with weights_only=True: no code in the file is run; anything but "
+                       "tensors and plain containers is refused) and store its changes against --base.")
+    i.add_argument("file", metavar="FILE", help="delta.ckpt or delta.bin")
+    i.add_argument("--base", required=True, help="the base model it was trained from: folder, hub id or 'toy'")
+    i.add_argument("--class-word", action="append", metavar="WORD",
+                   help="class word of each token in order (e.g. cat), used by a later merge (repeatable)")
+    i.add_argument("-o", "--out", required=True, metavar="OUT.safetensors", help="output delta file")
+    i.set_defaults(func=_cmd_import)
