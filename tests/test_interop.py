@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from customdiff.base import load_pipeline
-from customdiff.cli import _Parser
-from customdiff.cli_extra import register
+from customdiff.cli import main
 from customdiff.compress import compress_delta
 from customdiff.config import TrainConfig
 from customdiff.data import ConceptSpec
@@ -214,7 +213,7 @@ def test_import_cli_and_refusals(tiny_base, delta_path, tmp_path):
                                   for n, w in _full_weights(delta, pipe.unet).items()},
                                "embed": delta.tokens["<new1>"][None]}}, good)
     out = tmp_path / "imported.safetensors"
-    assert _cli(["import", str(good), "--base", tiny_base, "--class-word", "cat", "-o", str(out)]) == 0
+    assert main(["import", str(good), "--base", tiny_base, "--class-word", "cat", "-o", str(out)]) == 0
     got = load_delta(out)
     _same_delta(got, delta, {"<new1>": "<new1>"})
     assert got.token_info[0]["class"] == "cat"
@@ -235,10 +234,10 @@ def test_import_cli_and_refusals(tiny_base, delta_path, tmp_path):
         torch.save(obj, bad)
         with pytest.raises(UserError):
             import_reference(bad, pipe, tiny_base)
-        assert _cli(["import", str(bad), "--base", tiny_base, "-o", str(tmp_path / "x.safetensors")]) == 2, name
-    assert _cli(["import", delta_path, "--base", tiny_base, "-o", str(tmp_path / "x.safetensors")]) == 2
+        assert main(["import", str(bad), "--base", tiny_base, "-o", str(tmp_path / "x.safetensors")]) == 2, name
+    assert main(["import", delta_path, "--base", tiny_base, "-o", str(tmp_path / "x.safetensors")]) == 2
     (tmp_path / "junk.ckpt").write_bytes(b"not a pickle at all")
-    assert _cli(["import", str(tmp_path / "junk.ckpt"), "--base", tiny_base, "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert main(["import", str(tmp_path / "junk.ckpt"), "--base", tiny_base, "-o", str(tmp_path / "x.safetensors")]) == 2
     assert not marker.exists() and not (tmp_path / "x.safetensors").exists()
 
 
@@ -250,21 +249,12 @@ class _Evil:
         return (open, (self.path, "w"))
 
 
-def test_export_cli(delta_path, tiny_base, other_base, tmp_path):
-    assert _cli(["export", delta_path, "--to", "diffusers-lora", "--base", tiny_base, "-o", str(tmp_path / "e")]) == 0
+def test_exportmain(delta_path, tiny_base, other_base, tmp_path):
+    assert main(["export", delta_path, "--to", "diffusers-lora", "--base", tiny_base, "-o", str(tmp_path / "e")]) == 0
     assert (tmp_path / "e" / LORA_FILE).is_file() and (tmp_path / "e" / "new1.safetensors").is_file()
-    assert _cli(["export", delta_path, "--to", "kohya", "--base", other_base, "-o", str(tmp_path / "k")]) == 2
+    assert main(["export", delta_path, "--to", "kohya", "--base", other_base, "-o", str(tmp_path / "k")]) == 2
     assert not (tmp_path / "k").exists()
     with pytest.raises(SystemExit):
-        _cli(["export", delta_path, "--to", "onnx", "-o", str(tmp_path / "z")])
+        main(["export", delta_path, "--to", "onnx", "-o", str(tmp_path / "z")])
 
 
-def _cli(argv: list[str]) -> int:
-    p = _Parser(prog="customdiff")
-    register(p.add_subparsers(dest="command", required=True, parser_class=_Parser))
-    a = p.parse_args(argv)
-    try:
-        a.func(a)
-    except UserError:
-        return 2
-    return 0

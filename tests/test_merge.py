@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from customdiff.base import load_pipeline
-from customdiff.cli import _Parser
-from customdiff.cli_extra import register
+from customdiff.cli import main
 from customdiff.compress import choose_rank, compress_delta
 from customdiff.config import TrainConfig
 from customdiff.data import ConceptSpec
@@ -263,45 +262,35 @@ def test_compress_rejects_bad_arguments(pair):
 # ---------------------------------------------------------------- CLI
 
 
-def _cli(argv: list[str]) -> int:
-    p = _Parser(prog="customdiff")
-    register(p.add_subparsers(dest="command", required=True, parser_class=_Parser))
-    a = p.parse_args(argv)
-    try:
-        a.func(a)
-    except UserError:
-        return 2
-    return 0
 
 
 def test_cli_merge_and_compress(pair, tiny_base, tmp_path, capsys):
     caps = tmp_path / "caps.txt"
     caps.write_text("a red cat on grass\n\n# comment\nthe blue dog\nphoto of a green car\n")
     out = tmp_path / "m.safetensors"
-    assert _cli(["merge", *pair["paths"], "--base", tiny_base, "--reg-captions", str(caps), "-o", str(out)]) == 0
+    assert main(["merge", *pair["paths"], "--base", tiny_base, "--reg-captions", str(caps), "-o", str(out)]) == 0
     m = load_delta(out)
     assert m.config["merge"]["reg_captions"] == 3 and sorted(m.tokens) == ["<new1>", "<new2>"]
     small = tmp_path / "c.safetensors"
-    assert _cli(["compress", str(out), "--rank", "2", "-o", str(small)]) == 0
+    assert main(["compress", str(out), "--rank", "2", "-o", str(small)]) == 0
     assert "->" in capsys.readouterr().out and load_delta(small).storage == "lowrank"
     # bad input: one delta, a missing captions file, wrong suffix; nothing is written
     bad = tmp_path / "bad.safetensors"
-    assert _cli(["merge", pair["paths"][0], "--base", tiny_base, "-o", str(bad)]) == 2
-    assert _cli(["merge", *pair["paths"], "--base", tiny_base, "--reg-captions", str(tmp_path / "nope"),
+    assert main(["merge", pair["paths"][0], "--base", tiny_base, "-o", str(bad)]) == 2
+    assert main(["merge", *pair["paths"], "--base", tiny_base, "--reg-captions", str(tmp_path / "nope"),
                  "-o", str(bad)]) == 2
-    assert _cli(["compress", str(out), "--energy", "2", "-o", str(bad)]) == 2
-    assert _cli(["compress", str(out), "--rank", "2", "-o", str(tmp_path / "x.bin")]) == 2
+    assert main(["compress", str(out), "--energy", "2", "-o", str(bad)]) == 2
+    assert main(["compress", str(out), "--rank", "2", "-o", str(tmp_path / "x.bin")]) == 2
     assert not bad.exists() and not (tmp_path / "x.bin").exists()
     with pytest.raises(SystemExit) as e:
-        _cli(["compress", str(out), "-o", str(bad)])  # neither --energy nor --rank
+        main(["compress", str(out), "-o", str(bad)])  # neither --energy nor --rank
     assert e.value.code == 2
 
 
 def test_cli_help_texts():
-    p = _Parser(prog="customdiff")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    register(sub)
+    from customdiff.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for cmd in ("merge", "compress", "export", "import"):
         text = sub.choices[cmd].format_help()
         assert "-o" in text and len(text) > 300, cmd
-    assert isinstance(sub, argparse._SubParsersAction)

@@ -104,6 +104,18 @@ def _caption_lines(spec: ConceptSpec, n: int) -> list[str]:
     return lines[:n]
 
 
+def read_lines(path: str | Path, label: str) -> list[str]:
+    """Non-empty lines of a text file, `#` comments skipped; a UserError naming `label` if none or unreadable."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{label} {path}: cannot read it ({e})") from e
+    out = [x.strip() for x in lines if x.strip() and not x.strip().startswith("#")]
+    if not out:
+        raise UserError(f"{label} {path}: empty; write one entry per line")
+    return out
+
+
 def _resolve(path: str, root: Path) -> str:
     p = Path(path)
     if p.is_absolute() or p.exists():

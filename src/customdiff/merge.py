@@ -153,15 +153,9 @@ def merge(W0: Tensor, Ws: list[Tensor], Cs: list[Tensor], C_reg: Tensor,
 
 def read_captions(path: str | Path | None = None) -> list[str]:
     """Regularization captions, one per line (default: the generic captions shipped with customdiff)."""
-    path = Path(path) if path else DEFAULT_REG_CAPTIONS
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--reg-captions {path}: cannot read ({e})") from e
-    caps = [x.strip() for x in lines if x.strip() and not x.strip().startswith("#")]
-    if not caps:
-        raise UserError(f"--reg-captions {path}: no captions; write one caption per line")
-    return caps
+    from .data import read_lines
+
+    return read_lines(path or DEFAULT_REG_CAPTIONS, "--reg-captions")
 
 
 @torch.no_grad()

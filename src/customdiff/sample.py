@@ -41,14 +41,9 @@ def set_scheduler(pipe: Any, name: str | None) -> None:
 
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a text file, one per line (blank lines and # comments skipped)."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read prompts file ({e.strerror})") from e
-    prompts = [x.strip() for x in lines if x.strip() and not x.strip().startswith("#")]
-    if not prompts:
-        raise UserError(f"{path}: no prompts; write one prompt per line")
-    return prompts
+    from .data import read_lines
+
+    return read_lines(path, "prompts file")
 
 
 @torch.no_grad()
