@@ -110,9 +110,11 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
     phrase = entry["instance_prompt"]  # "<new1> square"
     cls = entry["class_prompt"]  # "square"
     out = Path(cfg.out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "report.html").is_file() and not (out / "concept.safetensors").is_file():
+            raise UserError(f"--out {out} exists and is not an earlier demo's output; choose another folder")
+        shutil.rmtree(out)  # an earlier demo: replace it
+    out.mkdir(parents=True, exist_ok=True)
     inst_dir = concepts_dir / entry["instance_data_dir"]
     spec = ConceptSpec(str(inst_dir), f"photo of a {phrase}", f"photo of a {cls}",
                        reg_dir=str(concepts_dir / entry["class_data_dir"]))
