@@ -38,7 +38,7 @@ METHODS = (
     Method("cd_no_reg", reg=False),
     Method("cd_no_aug", augment=False),
     Method("dreambooth", train="unet", lr_factor=0.1),
-    Method("textual_inversion", train="tokens", lr_factor=50.0),
+    Method("textual_inversion", train="tokens", lr_factor=10.0),
 )
 
 
@@ -50,7 +50,7 @@ class BenchConfig:
     pairs: int = 3
     steps: int = 250
     batch_size: int = 8
-    learning_rate: float = 1e-5
+    learning_rate: float = 1e-4  # per image; the toy needs 10x SD's 1e-5 (see demo.py)
     n: int = 4  # images per prompt
     prompts: int = 0  # 0 = all prompts of each entry
     n_class: int = 50  # class-prompt samples for KID
