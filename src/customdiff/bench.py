@@ -37,7 +37,7 @@ METHODS = (
     Method("custom_diffusion"),
     Method("cd_no_reg", reg=False),
     Method("cd_no_aug", augment=False),
-    Method("dreambooth", train="unet", lr_factor=0.1),
+    Method("dreambooth", train="unet", lr_factor=0.3),
     Method("textual_inversion", train="tokens", lr_factor=10.0),
 )
 
