@@ -51,10 +51,10 @@ class BenchConfig:
     steps: int = 250
     batch_size: int = 8
     learning_rate: float = 1e-4  # per image; the toy needs 10x SD's 1e-5 (see demo.py)
-    n: int = 4  # images per prompt
+    n: int = 2  # images per prompt
     prompts: int = 0  # 0 = all prompts of each entry
-    n_class: int = 50  # class-prompt samples for KID
-    sample_steps: int = 25
+    n_class: int = 30  # class-prompt samples for KID
+    sample_steps: int = 20
     guidance: float = 5.0
     seed: int = 0
 
