@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .paths import ASSETS
+from . import ASSETS
 
 log = logging.getLogger("customdiff.toy.build")
+STAGES = ("data", "vae", "unet", "clip", "probe", "concepts", "export", "quality")
 
 
 @dataclass
@@ -26,10 +27,10 @@ class BuildConfig:
     """Sizes of the build; `quick` shrinks everything to check the stages end to end."""
 
     n_images: int = 30000
-    vae_steps: int = 1000
-    unet_steps: int = 3600
-    clip_steps: int = 1500
-    probe_steps: int = 800
+    vae_steps: int = 600
+    unet_steps: int = 3000
+    clip_steps: int = 1200
+    probe_steps: int = 600
     n_class_images: int = 200
     n_eval: int = 200
 
@@ -108,12 +109,13 @@ class Builder:
     def clip(self) -> None:
         from .train_base import tokenize
         from .train_clip import train_clip
+        from .world import SHAPES
 
-        images, _, captions = self._world()
+        images, targets, captions = self._world()
         ids = tokenize(self.tokenizer, captions)
         caption_ids = np.unique(np.array(captions), return_inverse=True)[1]
-        model, losses = train_clip(images, ids, caption_ids, self.tokenizer, self.work / "clip.pt",
-                                   self.cfg.clip_steps)
+        model, losses = train_clip(images, ids, caption_ids, targets[:, len(SHAPES):], self.tokenizer,
+                                   self.work / "clip.pt", self.cfg.clip_steps)
         model.save_pretrained(self.work / "clip_final")
         self._note("clip", {"final_loss": float(np.mean(losses[-100:])), "first_loss": losses[0]})
 
@@ -168,9 +170,14 @@ class Builder:
         notes[key] = value
         path.write_text(json.dumps(notes, indent=2))
 
+    def redo(self, first: str) -> None:
+        """Forget that `first` and every later stage finished (training resumes from its checkpoint)."""
+        for name in STAGES[STAGES.index(first):]:
+            (self.work / f"{name}.done").unlink(missing_ok=True)
+
     def run(self) -> None:
         """All stages, then a build report (config, times, notes) next to the assets."""
-        for name in ("data", "vae", "unet", "clip", "probe", "concepts", "export", "quality"):
+        for name in STAGES:
             self.stage(name, getattr(self, name))
         notes = json.loads((self.work / "notes.json").read_text())
         report = {"config": asdict(self.cfg), "stage_seconds": self.times, **notes}
@@ -185,12 +192,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=None, help="checkpoint folder (default .toy_build[_quick])")
     p.add_argument("--quick", action="store_true", help="a few steps per stage, to check the pipeline")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--redo", choices=STAGES, help="rerun this stage and all later ones; with --set *_steps=N "
+                   "a training stage continues from its checkpoint to the new step count")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=N",
+                   help="override a BuildConfig size, e.g. --set unet_steps=2000")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     work = args.work or Path(".toy_build_quick" if args.quick else ".toy_build")
     cfg = BuildConfig.quick() if args.quick else BuildConfig()
-    Builder(args.out.resolve(), work.resolve(), cfg).run()
+    for item in args.set:
+        key, value = item.split("=", 1)
+        if not hasattr(cfg, key):
+            p.error(f"unknown build setting {key!r}")
+        setattr(cfg, key, int(value))
+    builder = Builder(args.out.resolve(), work.resolve(), cfg)
+    if args.redo:
+        builder.redo(args.redo)
+    builder.run()
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def load_pipeline(path: str | Path):
     """Load the shipped pipeline in float32 and check the tokenizer is the real one."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=torch.float32)
     assert len(pipe.tokenizer) > 2, "tokenizer files missing: got the empty fallback tokenizer"
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -75,10 +75,10 @@ def train_probe(images: np.ndarray, targets: np.ndarray, ckpt: Path, steps: int,
 
 
 @torch.no_grad()
-def predict(probe: Probe, x: torch.Tensor, k: int = 1) -> tuple[list[set[str]], list[set[str]]]:
-    """Top-k shapes and top-k colours for each image in x ((N, 3, 32, 32) in [-1, 1])."""
+def predict(probe: Probe, x: torch.Tensor, k: int = 1) -> tuple[list[list[str]], list[list[str]]]:
+    """Top-k shapes and top-k colours, best first, for each image in x ((N, 3, 32, 32) in [-1, 1])."""
     s, c = probe(x)
     colours = list(COLOURS)
-    shapes = [{SHAPES[j] for j in row.tolist()} for row in s.topk(k, 1).indices]
-    cols = [{colours[j] for j in row.tolist()} for row in c.topk(k, 1).indices]
+    shapes = [[SHAPES[j] for j in row.tolist()] for row in s.topk(k, 1).indices]
+    cols = [[colours[j] for j in row.tolist()] for row in c.topk(k, 1).indices]
     return shapes, cols

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -72,7 +72,6 @@ class Scene:
     template: str = TEMPLATES[0]
     seed: int = 0  # drives background texture only
     name_position: bool = False  # say "on the left/right" for a single off-centre object
-    extras: dict = field(default_factory=dict)
 
 
 def vocabulary() -> list[str]:

@@ -1,0 +1,151 @@
+"""The embedded toy world: determinism, caption/image agreement, shipped models and concepts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from customdiff.toy import paths
+from customdiff.toy.corpus import write_class_images, write_corpus
+from customdiff.toy.world import COLOURS, SHAPES, SIZE, caption, render, sample_dataset, sample_scene
+
+
+def test_world_is_deterministic():
+    a_img, a_cap, _ = sample_dataset(30, seed=3)
+    b_img, b_cap, _ = sample_dataset(30, seed=3)
+    c_img, c_cap, _ = sample_dataset(30, seed=4)
+    assert np.array_equal(a_img, b_img) and a_cap == b_cap
+    assert not np.array_equal(a_img, c_img) and a_cap != c_cap
+
+
+@pytest.mark.parametrize("n_objects", [1, 2])
+def test_caption_and_image_agree(n_objects):
+    rng = np.random.default_rng(11)
+    for _ in range(150):
+        scene = sample_scene(rng, n_objects=n_objects)
+        scene.style = "solid"
+        img = np.asarray(render(scene)).astype(int)
+        text = caption(scene)
+        for obj in scene.objects:
+            x0, y0, x1, y1 = obj.bbox
+            assert 0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE
+            cx, cy = obj.centre
+            # the object's own colour is drawn at its bbox centre
+            assert np.abs(img[cy, cx] - COLOURS[obj.colour]).max() <= 3, (text, obj)
+            assert f"{obj.colour} {obj.shape}" in text
+        if n_objects == 2:
+            a, b = scene.objects
+            assert scene.relation in text
+            if scene.relation == "next to":  # the first-named object is on the left
+                assert a.bbox[2] <= b.bbox[0]
+            else:  # the first-named object is on top
+                assert a.bbox[3] <= b.bbox[1]
+
+
+def test_outline_style_leaves_the_inside_empty():
+    rng = np.random.default_rng(5)
+    checked = 0
+    while checked < 20:
+        scene = sample_scene(rng, n_objects=1)
+        obj = scene.objects[0]
+        if obj.shape not in ("square", "circle") or obj.side < 12:
+            continue
+        scene.style = "outline"
+        img = np.asarray(render(scene)).astype(int)
+        cx, cy = obj.centre
+        assert np.abs(img[cy, cx] - COLOURS[obj.colour]).max() > 20
+        assert "in outline style" in caption(scene)
+        checked += 1
+
+
+def test_corpus_folders(tmp_path: Path):
+    write_corpus(tmp_path / "c", 5, seed=0)
+    write_class_images(tmp_path / "k", "star", 5, seed=0)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir())[:2] == ["000000.png", "000000.txt"]
+    for txt in (tmp_path / "k").glob("*.txt"):
+        assert "star" in txt.read_text().split(" next to ")[0].split(" above ")[0]
+        assert txt.with_suffix(".png").exists()
+
+
+def test_tokenizer_keeps_world_words_whole(tmp_path: Path):
+    from customdiff.toy.tokenizer import RARE_WORDS, make_tokenizer
+    from customdiff.toy.world import vocabulary
+
+    tok = make_tokenizer(tmp_path)  # raises if a word splits
+    assert len(tok) > 2
+    captions = [caption(sample_scene(np.random.default_rng(i))) for i in range(50)]
+    ids = tok(captions).input_ids
+    assert all(len(seq) == len(c.split()) + 2 for seq, c in zip(ids, captions, strict=True))
+    assert set(RARE_WORDS).isdisjoint(vocabulary())
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    from customdiff.toy.export import load_pipeline
+
+    return load_pipeline(paths()["base"])
+
+
+def test_shipped_pipeline_loads_and_generates(toy_pipe):
+    pipe = toy_pipe
+    assert len(pipe.tokenizer) > 2 and pipe.tokenizer.model_max_length == 32
+    assert next(pipe.unet.parameters()).dtype == torch.float32
+    names = [n for n, _ in pipe.unet.named_modules()]
+    assert any(n.endswith("attn2.to_k") for n in names) and any(n.endswith("attn2.to_v") for n in names)
+    assert pipe.scheduler.config.steps_offset == 1 and not pipe.scheduler.config.clip_sample
+    for word in ("ktn", "pll", "ucd", "sks"):
+        assert len(pipe.tokenizer(word, add_special_tokens=False).input_ids) == 1
+    out = pipe("photo of a red circle on grass", num_inference_steps=3, guidance_scale=3.0,
+               generator=torch.Generator("cpu").manual_seed(0), output_type="np").images
+    assert out.shape == (1, SIZE, SIZE, 3) and np.isfinite(out).all()
+
+
+def test_shipped_files_are_standard():
+    base = Path(paths()["base"])
+    assert (base / "tokenizer" / "merges.txt").read_text().startswith("#version: 0.2")
+    vocab = json.loads((base / "tokenizer" / "vocab.json").read_text())
+    assert "circle</w>" in vocab and "<|startoftext|>" in vocab and len(vocab) >= 512
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(base))  # default dtype must be float32 too
+    assert next(pipe.text_encoder.parameters()).dtype == torch.float32
+    total = sum(f.stat().st_size for p in paths().values() for f in Path(p).rglob("*") if f.is_file())
+    assert total < 40e6
+
+
+def test_shipped_clip_embeds():
+    from customdiff.toy.export import load_clip
+
+    model, proc = load_clip(paths()["clip"])
+    img = render(sample_scene(np.random.default_rng(0)))
+    with torch.no_grad():
+        px = proc(images=[img], return_tensors="pt").pixel_values
+        tok = proc.tokenizer(["photo of a red circle"], padding="max_length", return_tensors="pt")
+        i, t = model.get_image_features(pixel_values=px), model.get_text_features(**tok)
+    i = i if isinstance(i, torch.Tensor) else i.pooler_output
+    t = t if isinstance(t, torch.Tensor) else t.pooler_output
+    assert px.shape == (1, 3, SIZE, SIZE)
+    assert i.shape == t.shape == (1, model.config.projection_dim)
+
+
+def test_concepts_dataset_points_to_files():
+    root = Path(paths()["concepts"])
+    entries = json.loads((root / "dataset.json").read_text())
+    assert len(entries) >= 6
+    for e in entries:
+        assert e["instance_prompt"] == f"<new1> {e['class_prompt']}" and e["class_prompt"] in SHAPES
+        assert 4 <= len(list((root / e["instance_data_dir"]).glob("*.png"))) <= 8
+        cls = list((root / e["class_data_dir"]).glob("*.png"))
+        assert len(cls) >= 100 and all(p.with_suffix(".txt").exists() for p in cls)
+        prompts = (root / e["prompt_filename"]).read_text().splitlines()
+        assert 15 <= len(prompts) <= 20 and all("{}" in p for p in prompts)
+    multi = json.loads((root / "dataset_multiconcept.json").read_text())
+    assert len(multi) >= 3
+    for first, second, info in multi:
+        assert first["instance_prompt"].startswith("<new1>") and second["instance_prompt"].startswith("<new2>")
+        prompts = (root / info["prompt_filename"]).read_text().splitlines()
+        assert all("{0}" in p and "{1}" in p for p in prompts)
