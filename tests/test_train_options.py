@@ -82,3 +82,15 @@ def test_bad_concepts_file(tmp_path):
     f.write_text("{not json")
     with pytest.raises(UserError, match="cannot read concepts file"):
         read_concepts_file(f)
+
+
+def test_gradient_accumulation_scales_lr_and_trains(tiny_base, concept_dirs, tmp_path):
+    from customdiff.data import ConceptSpec
+
+    out = train(TrainConfig(base=tiny_base, out=str(tmp_path / "ga.safetensors"), steps=2, batch_size=2,
+                            gradient_accumulation=2),
+                [ConceptSpec(concept_dirs["a"], "photo of a <new1> cat", "photo of a cat", reg_dir=concept_dirs["reg"])],
+                progress=False)
+    d = load_delta(out)
+    assert d.config["effective_learning_rate"] == pytest.approx(1e-5 * 2 * 2)
+    assert all(v.abs().sum() > 0 for v in d.weights.values())
