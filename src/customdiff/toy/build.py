@@ -90,14 +90,14 @@ class Builder:
         mean, std, scaling = encode_all(vae, images)
         vae.register_to_config(scaling_factor=scaling)
         vae.save_pretrained(self.work / "vae_final")
-        torch.save({"mean": mean.half(), "std": std.half(), "scaling": scaling}, self.work / "latents.pt")
+        torch.save({"mean": mean.half(), "std": std.half(), "scaling": float(scaling)}, self.work / "latents.pt")
         self._note("vae", {"final_loss": float(np.mean(losses[-100:])), "scaling_factor": scaling})
 
     def unet(self) -> None:
         from .train_base import tokenize, train_unet_text
 
         _, _, captions = self._world()
-        lat = torch.load(self.work / "latents.pt")
+        lat = torch.load(self.work / "latents.pt", weights_only=True)
         ids = tokenize(self.tokenizer, captions)
         empty = tokenize(self.tokenizer, [""])[0]
         unet, te, losses = train_unet_text(lat["mean"].float(), lat["std"].float(), lat["scaling"], ids, empty,
@@ -140,13 +140,16 @@ class Builder:
 
         from .export import folder_mb, load_clip, load_pipeline, save_clip, save_pipeline
         from .models import make_image_processor
+        from .tokenizer import make_tokenizer
 
         vae = AutoencoderKL.from_pretrained(self.work / "vae_final")
         unet = UNet2DConditionModel.from_pretrained(self.work / "unet_final")
         te = CLIPTextModel.from_pretrained(self.work / "te_final")
-        save_pipeline(vae, unet, te, self.tokenizer, self.out / "base", self.tok_dir)
+        # a fresh tokenizer: one used for batch tokenizing carries padding/truncation state into tokenizer.json
+        tokenizer = make_tokenizer(self.tok_dir)
+        save_pipeline(vae, unet, te, tokenizer, self.out / "base", self.tok_dir)
         clip = CLIPModel.from_pretrained(self.work / "clip_final")
-        save_clip(clip, self.tokenizer, make_image_processor(), self.out / "clip", self.tok_dir)
+        save_clip(clip, tokenizer, make_image_processor(), self.out / "clip", self.tok_dir)
         # the shipped files must load back in float32 with the real tokenizer and generate
         pipe = load_pipeline(self.out / "base")
         assert next(pipe.unet.parameters()).dtype == torch.float32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -33,11 +34,11 @@ def run_loop(
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     start, losses = 0, []
     if path.exists():
-        ck = torch.load(path, weights_only=False)
+        ck = torch.load(path, weights_only=True)  # tensors and plain Python values only: no code runs
         for k, m in modules.items():
             m.load_state_dict(ck["modules"][k])
         opt.load_state_dict(ck["opt"])
-        rng.bit_generator.state, start, losses = ck["np_rng"], ck["step"], ck["losses"]
+        rng.bit_generator.state, start, losses = json.loads(ck["np_rng"]), ck["step"], ck["losses"]
         gen.set_state(ck["torch_gen"])
         log.info("%s: resuming at step %d/%d", name, start, steps)
     t0 = time.time()
@@ -48,8 +49,8 @@ def run_loop(
         if (step + 1) % every == 0 or step + 1 == steps:
             tmp = path.with_suffix(".tmp")
             torch.save({"modules": {k: m.state_dict() for k, m in modules.items()}, "opt": opt.state_dict(),
-                        "np_rng": rng.bit_generator.state, "torch_gen": gen.get_state(), "step": step + 1,
-                        "losses": losses}, tmp)
+                        "np_rng": json.dumps(rng.bit_generator.state), "torch_gen": gen.get_state(),
+                        "step": step + 1, "losses": [float(x) for x in losses]}, tmp)
             tmp.replace(path)  # atomic: a killed run never leaves a half-written checkpoint
             recent = float(np.mean(losses[-every:]))
             log.info("%s: step %d/%d loss %.4f (%.2f s/step)", name, step + 1, steps, recent,
