@@ -294,3 +294,29 @@ def test_cli_help_texts():
     for cmd in ("merge", "compress", "export", "import"):
         text = sub.choices[cmd].format_help()
         assert "-o" in text and len(text) > 300, cmd
+
+
+def test_padding_weight_keeps_constraints_and_pulls_padding_rows(pair, merged, tiny_base):
+    """--pad-weight: constraints still exact; each concept's padding rows move towards its own outputs."""
+    from customdiff.merge import padding_features
+
+    pipe = load_pipeline(tiny_base)
+    padded = merge_deltas([pair["a"], pair["b"]], pipe, read_captions(), sources=pair["paths"], pad_weight=1.0)
+    residuals = json.loads(padded.extra["merge_residuals"])
+    assert max(r["constraint"] for r in residuals.values()) < 1e-6
+    assert padded.config["merge"]["pad_weight"] == 1.0
+    params = dict(pipe.unet.named_parameters())
+    errors = {0.0: 0.0, 1.0: 0.0}
+    for delta, tok, cls in ((pair["a"], "<new1>", "cat"), (pair["b"], "<new2>", "dog")):
+        token_only = type(delta)(weights={}, tokens={tok: next(iter(delta.tokens.values()))}, trained="", base={},
+                                 token_info=[])
+        applied = apply_deltas(pipe, [token_only])
+        pads = padding_features(pipe, [("photo of a", f"{tok} {cls}")])  # (p, d)
+        applied.remove()
+        assert pads.shape[0] > 0
+        for name in residuals:
+            W0 = params[name].detach().double()
+            want = (W0 + delta.change(name).double()) @ pads.T
+            for w, m in ((0.0, merged), (1.0, padded)):
+                errors[w] += float(((W0 + m.change(name).double()) @ pads.T - want).norm() / want.norm())
+    assert errors[1.0] < 0.5 * errors[0.0], errors

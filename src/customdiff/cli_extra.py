@@ -41,7 +41,10 @@ def _cmd_merge(a: argparse.Namespace) -> None:
     deltas = [load_delta(p) for p in a.deltas]  # validate every input before the slow base load
     captions = read_captions(a.reg_captions)
     pipe = load_pipeline(a.base, device=a.device or "cpu")
-    merged = merge_deltas(deltas, pipe, captions, sources=a.deltas, ridge=a.ridge, base_name=a.base)
+    if a.pad_weight < 0:
+        raise UserError(f"--pad-weight {a.pad_weight}: must be 0 or positive")
+    merged = merge_deltas(deltas, pipe, captions, sources=a.deltas, ridge=a.ridge, base_name=a.base,
+                          pad_weight=a.pad_weight)
     save_delta(merged, out)
     print(out)
 
@@ -99,6 +102,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="generic captions, one per line (default: the 460 shipped with customdiff)")
     m.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                    help=f"ridge added to C_reg^T C_reg, relative to its mean eigenvalue (default: {DEFAULT_RIDGE})")
+    m.add_argument("--pad-weight", type=float, default=0.0,
+                   help="also pull each concept's padding rows (after end-of-text) towards its own outputs, with "
+                   "this weight relative to the captions (default: 0, the reference's merge; see docs/MERGE.md)")
     m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     m.add_argument("-o", "--out", required=True, metavar="OUT.safetensors", help="output delta file")
     m.set_defaults(func=_cmd_merge)

@@ -47,6 +47,7 @@ class MergeSolver:
     A_reg: Tensor  # (d, d) = C_reg^T C_reg (no ridge, float32), for residuals on C_reg
     YAY: Tensor  # (m, m) = Y C_reg^T C_reg Y^T, for the exact change of the merged weight on C_reg
     exact: bool  # False when the constraints are dependent and only hold in least squares
+    G: list[Tensor] | None = None  # per concept (d, d) = lambda P_n A^-1 for the padding-row term, or None
 
 
 def _dedupe(Cs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -79,14 +80,27 @@ def _cholesky_with_ridge(A0: Tensor, ridge: float) -> tuple[Tensor, float]:
     raise UserError("merge: the regularization features are degenerate (not finite?); check the captions")
 
 
-def prepare(Cs: Sequence[Tensor], C_reg: Tensor, ridge: float = DEFAULT_RIDGE) -> MergeSolver:
-    """Factor the merge for constraint features `Cs` (one (m_n, d) tensor per concept) and C_reg (k, d)."""
+def prepare(Cs: Sequence[Tensor], C_reg: Tensor, ridge: float = DEFAULT_RIDGE,
+            pads: Sequence[Tensor] | None = None, pad_weight: float = 0.0) -> MergeSolver:
+    """Factor the merge for constraint features `Cs` (one (m_n, d) tensor per concept) and C_reg (k, d).
+
+    With `pad_weight` > 0, each concept's padding rows `pads[n]` (p_n, d) join the objective as a weighted
+    least-squares pull towards that concept's own outputs: min ||(W-W0) C_reg^T||^2 + lam sum ||(W-W_n) P_n^T||^2
+    subject to W C^T = V, lam = pad_weight * trace(C_reg^T C_reg) / trace(sum P_n^T P_n). Still closed form:
+    A = C_reg^T C_reg + lam sum P_n^T P_n, and W0 is replaced by the unconstrained optimum W0 + sum D_n lam P_n A^-1.
+    """
     Cs = [c.detach().to(torch.float64) for c in Cs]
     C_reg = C_reg.detach().to(torch.float64)
     if any(c.shape[-1] != C_reg.shape[-1] for c in Cs):
         raise UserError("merge: concept and regularization features have different widths")
     C, owner = _dedupe(Cs)
-    A0 = C_reg.T @ C_reg  # (d, d)
+    A_reg = C_reg.T @ C_reg  # (d, d)
+    A0, Ps = A_reg, None
+    if pad_weight > 0 and pads:
+        Ps = [p.detach().to(torch.float64).T @ p.detach().to(torch.float64) for p in pads]  # (d, d) each
+        lam = pad_weight * float(torch.trace(A_reg)) / max(float(sum(torch.trace(p) for p in Ps)), 1e-30)
+        Ps = [lam * p for p in Ps]
+        A0 = A_reg + sum(Ps)
     L, _ = _cholesky_with_ridge(A0, ridge)
     Z = torch.linalg.solve_triangular(L, C.T, upper=False)  # (d, m) = L^-1 C^T
     m, d = C.shape
@@ -102,7 +116,8 @@ def prepare(Cs: Sequence[Tensor], C_reg: Tensor, ridge: float = DEFAULT_RIDGE) -
                     "least-squares sense only", m, d)
         Zp = torch.linalg.pinv(Z, rtol=_RANK_RTOL)
     Y = torch.linalg.solve_triangular(L.T, Zp.T, upper=True).T  # (m, d) = Z^+ L^-1
-    return MergeSolver(C=C, owner=owner, Y=Y, A_reg=A0.float(), YAY=Y @ A0 @ Y.T, exact=exact)
+    G = [torch.cholesky_solve(p, L).T for p in Ps] if Ps else None  # lam P_n A^-1 (A and P_n symmetric)
+    return MergeSolver(C=C, owner=owner, Y=Y, A_reg=A_reg.float(), YAY=Y @ A_reg @ Y.T, exact=exact, G=G)
 
 
 def _norms_on(A: Tensor, Xs: Sequence[Tensor]) -> list[float]:
@@ -122,14 +137,19 @@ def solve(s: MergeSolver, W0: Tensor, Ws: Sequence[Tensor]) -> tuple[Tensor, dic
     for n, dc in enumerate(DC):
         idx = (s.owner == n).nonzero().squeeze(1)
         want[:, idx] = dc[:, idx]
-    dW = want @ s.Y  # (out, d)
+    if s.G is None:
+        dW = want @ s.Y  # (out, d)
+    else:  # start from the unconstrained optimum of the padding-weighted objective, then meet the constraints
+        shift = sum(d @ g for d, g in zip(D, s.G, strict=True))  # (out, d)
+        dW = shift + (want - shift @ s.C.T) @ s.Y
     V = W0 @ s.C.T + want
     miss = float((dW @ s.C.T - want).norm())
     want_norm = float(want.norm()) or 1.0
     base_norm, *src = _norms_on(s.A_reg, [W0, *D])
     base_norm = base_norm or 1.0
     # ||dW C_reg^T||^2 = trace(want (Y A Y^T) want^T), exact in float64 at the cost of an (out, m, m) product
-    reg = float(((want @ s.YAY) * want).sum().clamp_min(0).sqrt())
+    reg = (float(((want @ s.YAY) * want).sum().clamp_min(0).sqrt()) if s.G is None
+           else _norms_on(s.A_reg, [dW])[0])
     res = {
         "constraint": miss / (float(V.norm()) or 1.0),  # ||W C^T - V|| / ||V||
         "constraint_of_change": miss / want_norm,  # the same, relative to the change the concepts asked for
@@ -187,6 +207,23 @@ def text_features(pipe: Any, prompts: Sequence[tuple[str, str]], batch: int = 64
     return out
 
 
+@torch.no_grad()
+def padding_features(pipe: Any, prompts: Sequence[tuple[str, str]]) -> Tensor:
+    """Rows after end-of-text of prompts padded to the tokenizer's max length, as the pipeline feeds the UNet."""
+    tok, enc = pipe.tokenizer, pipe.text_encoder
+    device = next(enc.parameters()).device
+    texts = [f"{p} {r}".strip() for p, r in prompts]
+    ids = tok(texts, padding="max_length", truncation=True, max_length=tok.model_max_length,
+              return_tensors="pt").input_ids
+    hidden = enc(ids.to(device))[0]  # (B, T, d)
+    rows = []
+    for j in range(len(texts)):
+        row_ids = ids[j].tolist()
+        eos = row_ids.index(tok.eos_token_id, 1) if tok.eos_token_id in row_ids[1:] else len(row_ids) - 1
+        rows.append(hidden[j, eos + 1:].double())
+    return torch.cat(rows)
+
+
 def _check_same_base(deltas: Sequence[Delta], sources: Sequence[str]) -> None:
     ref = deltas[0].base.get("fingerprint", {}).get("norms", {})
     for d, src in zip(deltas[1:], sources[1:], strict=True):
@@ -240,7 +277,7 @@ def _concept_prompts(d: Delta, rename: dict[str, str]) -> list[tuple[str, str]]:
 
 def merge_deltas(deltas: Sequence[Delta], pipe: Any, reg_captions: Sequence[str],
                  sources: Sequence[str] | None = None, ridge: float = DEFAULT_RIDGE,
-                 base_name: str | None = None) -> Delta:
+                 base_name: str | None = None, pad_weight: float = 0.0) -> Delta:
     """Merge separately trained deltas of one base into one delta: K/V in closed form, tokens carried over."""
     t0 = time.perf_counter()
     sources = list(sources) if sources is not None else [f"delta {i}" for i in range(len(deltas))]
@@ -262,6 +299,8 @@ def merge_deltas(deltas: Sequence[Delta], pipe: Any, reg_captions: Sequence[str]
     try:
         concept = [text_features(pipe, _concept_prompts(d, maps[i])) for i, d in enumerate(deltas)]
         reg = text_features(pipe, [("", c) for c in reg_captions])
+        pads = ([padding_features(pipe, _concept_prompts(d, maps[i])) for i, d in enumerate(deltas)]
+                if pad_weight > 0 else None)
     finally:
         applied.remove()
     owner_of: dict[tuple, int] = {}
@@ -278,7 +317,8 @@ def merge_deltas(deltas: Sequence[Delta], pipe: Any, reg_captions: Sequence[str]
         Cs.append(torch.stack(rows))
     C_reg = torch.cat([h for _, h in reg])
     dev = C_reg.device if C_reg.device.type != "mps" else torch.device("cpu")  # MPS has no float64
-    solver = prepare([c.to(dev) for c in Cs], C_reg.to(dev), ridge)
+    solver = prepare([c.to(dev) for c in Cs], C_reg.to(dev), ridge,
+                     pads=[p.to(dev) for p in pads] if pads else None, pad_weight=pad_weight)
     log.info("merge: %d constraint rows from %d concepts, %d regularization rows of width %d",
              solver.C.shape[0], len(deltas), C_reg.shape[0], C_reg.shape[1])
 
@@ -322,7 +362,7 @@ def merge_deltas(deltas: Sequence[Delta], pipe: Any, reg_captions: Sequence[str]
         base={"name": base_name or deltas[0].base.get("name", ""), "fingerprint": base_fingerprint(pipe.unet, names),
               "vocab_size": len(pipe.tokenizer)},
         token_info=token_info,
-        config={"merge": {"ridge": ridge, "reg_captions": len(reg_captions), "constraint_rows": solver.C.shape[0],
+        config={"merge": {"ridge": ridge, "pad_weight": pad_weight, "reg_captions": len(reg_captions), "constraint_rows": solver.C.shape[0],
                           "exact": solver.exact, "seconds": round(elapsed, 3)}},
         extra={"merge_sources": json.dumps(sources_meta), "merge_residuals": json.dumps(residuals),
                "merge_averaged": json.dumps(averaged)})
