@@ -3,7 +3,7 @@
 Single concepts: Custom Diffusion (K/V + token, with real regularization images and augmentation), its
 ablations without regularization and without augmentation, DreamBooth-style (whole UNet + token) and
 Textual Inversion (token only). Concept pairs: joint training, the closed-form merge of separately trained
-deltas, and simply loading the two deltas at once. Each is evaluated with the toy CLIP (text alignment,
+deltas (as the reference, and with `pad_weight=1`), and simply loading the two deltas at once. Each is evaluated with the toy CLIP (text alignment,
 image alignment) and KID x1000 of class-prompt samples against real class images.
 """
 
@@ -130,7 +130,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> Path:
     pairs = read_dataset(root / "dataset_multiconcept.json")[:cfg.pairs]
     clip = ClipFeatures(toy["clip"])
     rows: list[dict[str, Any]] = []
-    total = len(singles) * len(METHODS) + len(pairs) * 3
+    total = len(singles) * len(METHODS) + len(pairs) * 4
     bar = tqdm(total=total, desc="bench", disable=not progress)
     t_start = time.perf_counter()
     deltas: dict[tuple[str, str], Path] = {}  # (concept, token) -> Custom Diffusion delta, reused by pairs
@@ -166,14 +166,16 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> Path:
         stats = _train(cfg, [_spec(c, f"<new{i + 1}>", True) for i, c in enumerate(e.concepts)], joint, cd,
                        2 * cfg.steps)
         record("joint", e, stats, _evaluate(cfg, e, [joint], clip, work / "images" / "joint" / e.name))
-        t0 = time.perf_counter()
-        pipe = load_pipeline("toy")
-        merged = merge_deltas([load_delta(p) for p in parts], pipe, read_captions(), [str(p) for p in parts])
-        mpath = work / "deltas" / f"{tag}.merged.safetensors"
-        save_delta(merged, mpath)
-        mstats = {"train_s": time.perf_counter() - t0, "delta_mb": mpath.stat().st_size / 2**20,
-                  "trainable": sum(v.numel() for v in merged.weights.values())}
-        record("merge", e, mstats, _evaluate(cfg, e, [mpath], clip, work / "images" / "merge" / e.name))
+        for method, pad_weight in (("merge", 0.0), ("merge_pad", 1.0)):  # the reference's merge; with padding rows
+            t0 = time.perf_counter()
+            pipe = load_pipeline("toy")
+            merged = merge_deltas([load_delta(p) for p in parts], pipe, read_captions(), [str(p) for p in parts],
+                                  pad_weight=pad_weight)
+            mpath = work / "deltas" / f"{tag}.{method}.safetensors"
+            save_delta(merged, mpath)
+            mstats = {"train_s": time.perf_counter() - t0, "delta_mb": mpath.stat().st_size / 2**20,
+                      "trainable": sum(v.numel() for v in merged.weights.values())}
+            record(method, e, mstats, _evaluate(cfg, e, [mpath], clip, work / "images" / method / e.name))
         two = {"train_s": 0.0, "delta_mb": sum(p.stat().st_size for p in parts) / 2**20, "trainable": 0}
         record("two_deltas", e, two, _evaluate(cfg, e, parts, clip, work / "images" / "two_deltas" / e.name))
     bar.close()
