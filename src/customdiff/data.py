@@ -123,15 +123,21 @@ def _resolve(path: str, root: Path) -> str:
     return str(root / p)
 
 
+def read_json_list(path: Path, label: str, what: str) -> list:
+    """A non-empty JSON list from a file, or a UserError naming `label` (the flag) and the file."""
+    try:
+        items = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{label} {path}: cannot read {what} file ({e}); give a JSON list") from e
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{label} {path}: expected a non-empty JSON list in the {what} file")
+    return items
+
+
 def read_concepts_file(path: str | Path) -> list[ConceptSpec]:
     """Concepts from a JSON list in the reference's concept_list.json shape."""
     path = Path(path)
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read concepts file ({e}); give a JSON list of concepts") from e
-    if not isinstance(entries, list) or not entries:
-        raise UserError(f"{path}: expected a non-empty JSON list of concept objects")
+    entries = read_json_list(path, "--concepts", "concepts")
     specs = []
     for i, e in enumerate(entries):
         missing = [k for k in ("instance_prompt", "class_prompt", "instance_data_dir") if k not in e]

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data import list_images, load_image
+from .data import list_images, load_image, read_json_list
 from .errors import UserError
 from .features import ClipFeatures
 from .metrics import image_alignment, kid, text_alignment
@@ -100,12 +100,7 @@ def read_dataset(path: str | Path, select: Sequence[str] | None = None) -> list[
     `prompt_filename_compose`/`prompt_filename`); paths are relative to the file's folder. `select` keeps
     entries by index or name."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"--dataset {path}: cannot read it ({e}); give a CustomConcept101-style dataset.json") from e
-    if not isinstance(raw, list) or not raw:
-        raise UserError(f"--dataset {path}: expected a non-empty JSON list of entries")
+    raw = read_json_list(path, "--dataset", "dataset")
     root, entries = path.parent, []
     for i, item in enumerate(raw):
         where = f"--dataset {path}: entry {i}"
