@@ -149,3 +149,41 @@ def test_concepts_dataset_points_to_files():
         assert first["instance_prompt"].startswith("<new1>") and second["instance_prompt"].startswith("<new2>")
         prompts = (root / info["prompt_filename"]).read_text().splitlines()
         assert all("{0}" in p and "{1}" in p for p in prompts)
+
+
+def test_toy_training_resumes_from_a_weights_only_checkpoint(tmp_path: Path):
+    """A run stopped after a checkpoint and resumed ends where an uninterrupted run ends.
+
+    The checkpoint is read with weights_only=True, so anything but tensors and plain values (a numpy scalar
+    learning rate in the optimiser state once was one) makes the resume fail.
+    """
+    from customdiff.toy.checkpoint import run_loop
+
+    class Killed(Exception):
+        pass
+
+    def train(path: Path, kill_at: int | None = None) -> tuple[torch.Tensor, list[float]]:
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(3, 1)
+        opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
+
+        def step(i: int, rng: np.random.Generator, gen: torch.Generator) -> float:
+            if i == kill_at:
+                raise Killed
+            x = torch.randn(4, 3, generator=gen) + float(rng.random())
+            loss = lin(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        # past the 100-step warm-up, so the cosine part of the learning-rate schedule is in the optimiser state
+        losses = run_loop(path, {"lin": lin}, opt, 156, 0.1, step, seed=5, every=50)
+        return lin.weight.detach().clone(), losses
+
+    w_full, l_full = train(tmp_path / "full.pt")
+    with pytest.raises(Killed):
+        train(tmp_path / "part.pt", kill_at=153)  # dies after the step-150 checkpoint
+    w_res, l_res = train(tmp_path / "part.pt")
+    assert torch.equal(w_res, w_full)
+    assert l_res == l_full

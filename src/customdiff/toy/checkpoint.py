@@ -17,9 +17,10 @@ log = logging.getLogger(__name__)
 def lr_at(step: int, total: int, peak: float, warmup: int = 100, floor: float = 0.1) -> float:
     """Linear warm-up then cosine decay to floor * peak."""
     if step < warmup:
-        return peak * (step + 1) / warmup
+        return float(peak * (step + 1) / warmup)
     t = (step - warmup) / max(1, total - warmup)
-    return peak * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * t)))
+    # a Python float: a numpy scalar in the optimiser's param_groups breaks torch.load(weights_only=True) on resume
+    return float(peak * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * t))))
 
 
 def run_loop(
