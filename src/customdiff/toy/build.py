@@ -29,7 +29,7 @@ class BuildConfig:
     n_images: int = 30000
     vae_steps: int = 600
     unet_steps: int = 3000
-    clip_steps: int = 1200
+    clip_steps: int = 3000
     probe_steps: int = 600
     n_class_images: int = 200
     n_eval: int = 200
@@ -109,13 +109,12 @@ class Builder:
     def clip(self) -> None:
         from .train_base import tokenize
         from .train_clip import train_clip
-        from .world import SHAPES
 
         images, targets, captions = self._world()
         ids = tokenize(self.tokenizer, captions)
         caption_ids = np.unique(np.array(captions), return_inverse=True)[1]
-        model, losses = train_clip(images, ids, caption_ids, targets[:, len(SHAPES):], self.tokenizer,
-                                   self.work / "clip.pt", self.cfg.clip_steps)
+        model, losses = train_clip(images, ids, caption_ids, targets, self.tokenizer, self.work / "clip.pt",
+                                   self.cfg.clip_steps)
         model.save_pretrained(self.work / "clip_final")
         self._note("clip", {"final_loss": float(np.mean(losses[-100:])), "first_loss": losses[0]})
 

@@ -57,19 +57,21 @@ def make_scheduler():
     )
 
 
-def make_clip(vocab_size: int, bos_id: int, eos_id: int):
-    """CLIPModel: ViT 32x32 / patch 4 (3 layers, 96 wide) and a 3-layer 64-wide text tower."""
+def make_clip(vocab_size: int, bos_id: int, eos_id: int, patch: int = 4, vision_width: int = 96,
+              vision_layers: int = 3, text_layers: int = 3, projection: int = 64):
+    """CLIPModel: ViT 32x32 (patch 4, 3 layers, 96 wide by default) and a 3-layer 64-wide text tower."""
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
     text = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=MAX_LENGTH, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=text_layers,
+        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=bos_id, eos_token_id=eos_id,
+        pad_token_id=eos_id,
     )
     vision = CLIPVisionConfig(
-        image_size=SIZE, patch_size=4, hidden_size=96, intermediate_size=384, num_hidden_layers=3,
-        num_attention_heads=4, num_channels=3,
+        image_size=SIZE, patch_size=patch, hidden_size=vision_width, intermediate_size=4 * vision_width,
+        num_hidden_layers=vision_layers, num_attention_heads=4, num_channels=3,
     )
-    cfg = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=64)
+    cfg = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection)
     return CLIPModel(cfg)
 
 

@@ -11,11 +11,13 @@ import torch.nn.functional as F
 
 from .checkpoint import run_loop
 from .models import make_clip
+from .world import SHAPES
 
 log = logging.getLogger(__name__)
 # OpenAI CLIP's normalisation, identical to what CLIPImageProcessor applies
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+AUX_SCALE = 10.0  # fixed temperature of the attribute head on unit-norm embeddings
 
 
 def pixel_values(images: np.ndarray) -> torch.Tensor:
@@ -25,40 +27,57 @@ def pixel_values(images: np.ndarray) -> torch.Tensor:
 
 
 def hard_batch(rng: np.random.Generator, colour_rows: list[np.ndarray], n: int, batch: int) -> np.ndarray:
-    """Half random images, half sharing one random colour.
-
-    With random batches, colour and background already tell most captions apart, and CLIP learned no shape
-    (24% zero-shot shape accuracy); negatives of the same colour can only be told apart by shape or setting.
-    """
+    """Half random images, half sharing one random colour (negatives told apart only by shape or setting)."""
     same = colour_rows[int(rng.integers(len(colour_rows)))]
     return np.concatenate([rng.integers(0, n, batch - batch // 2), rng.choice(same, batch // 2)])
 
 
-def train_clip(images: np.ndarray, ids: torch.Tensor, caption_ids: np.ndarray, colours: np.ndarray, tokenizer,
-               ckpt: Path, steps: int, batch: int = 128, lr: float = 1e-3, seed: int = 3):
-    """CLIPModel trained with the symmetric InfoNCE loss; identical captions in a batch count as positives.
+def train_clip(images: np.ndarray, ids: torch.Tensor, caption_ids: np.ndarray, targets: np.ndarray, tokenizer,
+               ckpt: Path, steps: int, batch: int = 128, lr: float = 1e-3, seed: int = 3, aux_weight: float = 1.0,
+               hard: bool = True, max_scale: float = 100.0, **clip_kw: int):
+    """CLIPModel trained with the symmetric InfoNCE loss plus an auxiliary attribute loss.
 
-    colours: (N, C) multi-hot colours present in each image, used to build hard-negative batches.
+    targets: (N, S + C) multi-hot shapes then colours present in each image (and named in its caption).
+    Contrastive loss alone (1,200 steps, random or hard-negative batches) learned colour but no shape: 23-24%
+    zero-shot shape, and a linear probe on its image features read shape only 39% of the time. The auxiliary
+    loss is a softmax cross-entropy over the shapes and over the colours, from one linear head shared by the
+    unit-norm image and text embeddings (scaled by AUX_SCALE); sharing the head makes the shape directions of
+    both towers coincide. The head is discarded after training: the result is a plain CLIPModel, used zero-shot
+    exactly as OpenAI CLIP. 3,000 steps (~22 min at 1 thread): 95.5% zero-shot shape, 100% colour on held_out(200, 1).
+    Identical captions in a batch count as positives; hard=True makes half of each batch share one colour;
+    clip_kw go to make_clip (tower sizes).
     """
     torch.manual_seed(seed)
-    model = make_clip(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    colour_rows = [np.flatnonzero(colours[:, c]) for c in range(colours.shape[1])]
+    model = make_clip(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, **clip_kw)
+    head = torch.nn.Linear(model.config.projection_dim, targets.shape[1])
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    n_shapes = len(SHAPES)
+    colour_rows = [np.flatnonzero(targets[:, n_shapes + c]) for c in range(targets.shape[1] - n_shapes)]
+    y_all = torch.from_numpy(targets).float()
 
     def step(i: int, rng: np.random.Generator, gen: torch.Generator) -> float:
-        idx = hard_batch(rng, colour_rows, len(images), batch)
+        idx = hard_batch(rng, colour_rows, len(images), batch) if hard else rng.integers(0, len(images), batch)
         out = model(input_ids=ids[idx], pixel_values=pixel_values(images[idx]))
         cid = torch.from_numpy(caption_ids[idx])
         same = (cid[:, None] == cid[None, :]).float()  # (B, B) several images can share one caption
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (F.cross_entropy(out.logits_per_image, target) + F.cross_entropy(out.logits_per_text, target))
+        if aux_weight > 0:
+            y = y_all[idx].repeat(2, 1)  # image rows then caption rows: the same objects
+            emb = torch.cat([out.image_embeds, out.text_embeds])  # both already L2-normalised
+            logits = head(AUX_SCALE * emb)
+            # softmax over the shapes and over the colours; a two-object image splits the target between its two
+            aux = sum(F.cross_entropy(logits[:, sl], y[:, sl] / y[:, sl].sum(1, keepdim=True))
+                      for sl in (slice(0, n_shapes), slice(n_shapes, None)))
+            loss = loss + aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
-            model.logit_scale.clamp_(0, np.log(100.0))
+            model.logit_scale.clamp_(0, np.log(max_scale))
         return loss.item()
 
-    losses = run_loop(ckpt, {"clip": model}, opt, steps, lr, step, seed, name="clip")
+    losses = run_loop(ckpt, {"clip": model, "head": head}, opt, steps, lr, step, seed, name="clip")
     return model.eval(), losses
