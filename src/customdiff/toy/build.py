@@ -28,7 +28,7 @@ class BuildConfig:
 
     n_images: int = 30000
     vae_steps: int = 600
-    unet_steps: int = 3000
+    unet_steps: int = 12000
     clip_steps: int = 3000
     probe_steps: int = 600
     n_class_images: int = 200
@@ -100,7 +100,7 @@ class Builder:
         lat = torch.load(self.work / "latents.pt", weights_only=True)
         ids = tokenize(self.tokenizer, captions)
         empty = tokenize(self.tokenizer, [""])[0]
-        unet, te, losses = train_unet_text(lat["mean"].float(), lat["std"].float(), lat["scaling"], ids, empty,
+        unet, te, losses = train_unet_text(lat["mean"].float(), lat["scaling"], ids, empty,
                                            self.tokenizer, self.work / "unet.pt", self.cfg.unet_steps)
         unet.save_pretrained(self.work / "unet_final")
         te.save_pretrained(self.work / "te_final")

@@ -46,16 +46,17 @@ def train_vae(images: np.ndarray, ckpt: Path, steps: int, batch: int = 32, seed:
 
 @torch.no_grad()
 def encode_all(vae, images: np.ndarray, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Posterior mean and std of every image, and the scaling factor 1/std of sampled latents."""
+    """Posterior mean and std of every image, and the scaling factor 1/std of the posterior means.
+
+    The UNet is trained on posterior means (see `train_unet_text`), so their spread sets the scale.
+    """
     means, stds = [], []
     for i in range(0, len(images), batch):
         post = vae.encode(to_tensor(images[i:i + batch])).latent_dist
         means.append(post.mean)
         stds.append(post.std)
     mean, std = torch.cat(means), torch.cat(stds)  # (N, 4, 16, 16)
-    g = torch.Generator().manual_seed(0)
-    sample = mean[:2000] + std[:2000] * torch.randn(mean[:2000].shape, generator=g)
-    return mean, std, float(1.0 / sample.std())
+    return mean, std, float(1.0 / mean[:2000].std())
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -65,23 +66,36 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def train_unet_text(
-    mean: torch.Tensor, std: torch.Tensor, scaling: float, ids: torch.Tensor, empty_ids: torch.Tensor,
-    tokenizer, ckpt: Path, steps: int, batch: int = 32, lr: float = 5e-4, seed: int = 2,
+    mean: torch.Tensor, scaling: float, ids: torch.Tensor, empty_ids: torch.Tensor,
+    tokenizer, ckpt: Path, steps: int, batch: int = 32, lr: float = 1e-3, seed: int = 2,
+    frozen_text=None,
 ):
-    """Joint epsilon-prediction training of UNet and CLIP text encoder; returns EMA copies and the losses."""
+    """Joint v-prediction training of UNet and CLIP text encoder; returns EMA copies and the losses.
+
+    The first build (epsilon prediction on sampled latents, 3,000 steps) drew coloured blobs: 23% of shapes
+    right. Diagnosis: started from a real image noised to strength 0.3-0.5 it redrew the right shape (84-94%),
+    from 0.9 only blobs, so the shape was never decided at the noisy timesteps. The epsilon loss weights the
+    clean-image error by the signal-to-noise ratio, which is ~0.1 there; v-prediction (as Stable Diffusion 2)
+    weights it by SNR + 1, ten times more where layout and shape are decided. The UNet is also trained on
+    posterior means: the VAE's posterior noise is a third of the latent spread in channel 0.
+    """
     torch.manual_seed(seed)
     unet = make_unet()
-    te = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    if frozen_text is not None:  # Stable Diffusion's recipe: a pretrained CLIP text tower, never updated
+        te = frozen_text.eval().requires_grad_(False)
+    else:
+        te = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
-    params = list(unet.parameters()) + list(te.parameters())
+    params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
     # no weight decay: unused rows (the rare initializer words) must stay as initialised
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = make_scheduler()
     acp = sched.alphas_cumprod
+    v_pred = sched.config.prediction_type == "v_prediction"
 
     def step(i: int, rng: np.random.Generator, gen: torch.Generator) -> float:
         idx = torch.from_numpy(rng.integers(0, len(mean), batch))
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling  # (B, 4, 16, 16)
+        z0 = mean[idx] * scaling  # (B, 4, 16, 16)
         tok = ids[idx].clone()
         drop = torch.from_numpy(rng.random(batch) < CAPTION_DROPOUT)
         tok[drop] = empty_ids
@@ -90,18 +104,21 @@ def train_unet_text(
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         h = te(tok).last_hidden_state  # (B, 32, 64)
-        loss = F.mse_loss(unet(zt, t, h).sample, noise)
+        target = a.sqrt() * noise - (1 - a).sqrt() * z0 if v_pred else noise
+        loss = F.mse_loss(unet(zt, t, h).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         decay = min(0.999, (1 + i) / (10 + i))
         with torch.no_grad():
-            for src, dst in ((unet, ema_unet), (te, ema_te)):
+            for src, dst in ((unet, ema_unet), (te, ema_te)) if frozen_text is None else ((unet, ema_unet),):
                 for p, q in zip(src.parameters(), dst.parameters(), strict=True):
                     q.lerp_(p, 1 - decay)
         return loss.item()
 
-    modules = {"unet": unet, "te": te, "ema_unet": ema_unet, "ema_te": ema_te}
+    modules = {"unet": unet, "ema_unet": ema_unet}
+    if frozen_text is None:
+        modules |= {"te": te, "ema_te": ema_te}
     losses = run_loop(ckpt, modules, opt, steps, lr, step, seed, name="unet+text")
     return ema_unet.eval(), ema_te.eval(), losses
