@@ -68,7 +68,6 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 def train_unet_text(
     mean: torch.Tensor, scaling: float, ids: torch.Tensor, empty_ids: torch.Tensor,
     tokenizer, ckpt: Path, steps: int, batch: int = 32, lr: float = 1e-3, seed: int = 2,
-    frozen_text=None,
 ):
     """Joint v-prediction training of UNet and CLIP text encoder; returns EMA copies and the losses.
 
@@ -81,12 +80,9 @@ def train_unet_text(
     """
     torch.manual_seed(seed)
     unet = make_unet()
-    if frozen_text is not None:  # Stable Diffusion's recipe: a pretrained CLIP text tower, never updated
-        te = frozen_text.eval().requires_grad_(False)
-    else:
-        te = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    te = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
-    params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
+    params = list(unet.parameters()) + list(te.parameters())
     # no weight decay: unused rows (the rare initializer words) must stay as initialised
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = make_scheduler()
@@ -112,13 +108,11 @@ def train_unet_text(
         opt.step()
         decay = min(0.999, (1 + i) / (10 + i))
         with torch.no_grad():
-            for src, dst in ((unet, ema_unet), (te, ema_te)) if frozen_text is None else ((unet, ema_unet),):
+            for src, dst in ((unet, ema_unet), (te, ema_te)):
                 for p, q in zip(src.parameters(), dst.parameters(), strict=True):
                     q.lerp_(p, 1 - decay)
         return loss.item()
 
-    modules = {"unet": unet, "ema_unet": ema_unet}
-    if frozen_text is None:
-        modules |= {"te": te, "ema_te": ema_te}
+    modules = {"unet": unet, "te": te, "ema_unet": ema_unet, "ema_te": ema_te}
     losses = run_loop(ckpt, modules, opt, steps, lr, step, seed, name="unet+text")
     return ema_unet.eval(), ema_te.eval(), losses
