@@ -76,7 +76,8 @@ def train_unet_text(
     from 0.9 only blobs, so the shape was never decided at the noisy timesteps. The epsilon loss weights the
     clean-image error by the signal-to-noise ratio, which is ~0.1 there; v-prediction (as Stable Diffusion 2)
     weights it by SNR + 1, ten times more where layout and shape are decided. The UNet is also trained on
-    posterior means: the VAE's posterior noise is a third of the latent spread in channel 0.
+    posterior means (the VAE's posterior noise is a third of the latent spread in channel 0), with lr 1e-3 for
+    12,000 steps: 100% of shapes right. Which change mattered most was not isolated (docs/toy_model_card.md).
     """
     torch.manual_seed(seed)
     unet = make_unet()
