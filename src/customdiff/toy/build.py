@@ -87,10 +87,10 @@ class Builder:
 
         images, _, _ = self._world()
         vae, losses = train_vae(images, self.work / "vae.pt", self.cfg.vae_steps)
-        mean, std, scaling = encode_all(vae, images)
+        mean, scaling = encode_all(vae, images)
         vae.register_to_config(scaling_factor=scaling)
         vae.save_pretrained(self.work / "vae_final")
-        torch.save({"mean": mean.half(), "std": std.half(), "scaling": float(scaling)}, self.work / "latents.pt")
+        torch.save({"mean": mean.half(), "scaling": float(scaling)}, self.work / "latents.pt")
         self._note("vae", {"final_loss": float(np.mean(losses[-100:])), "scaling_factor": scaling})
 
     def unet(self) -> None:

@@ -45,18 +45,14 @@ def train_vae(images: np.ndarray, ckpt: Path, steps: int, batch: int = 32, seed:
 
 
 @torch.no_grad()
-def encode_all(vae, images: np.ndarray, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Posterior mean and std of every image, and the scaling factor 1/std of the posterior means.
+def encode_all(vae, images: np.ndarray, batch: int = 500) -> tuple[torch.Tensor, float]:
+    """Posterior mean of every image, and the scaling factor 1/std of those means.
 
     The UNet is trained on posterior means (see `train_unet_text`), so their spread sets the scale.
     """
-    means, stds = [], []
-    for i in range(0, len(images), batch):
-        post = vae.encode(to_tensor(images[i:i + batch])).latent_dist
-        means.append(post.mean)
-        stds.append(post.std)
-    mean, std = torch.cat(means), torch.cat(stds)  # (N, 4, 16, 16)
-    return mean, std, float(1.0 / mean[:2000].std())
+    mean = torch.cat([vae.encode(to_tensor(images[i:i + batch])).latent_dist.mean
+                      for i in range(0, len(images), batch)])  # (N, 4, 16, 16)
+    return mean, float(1.0 / mean[:2000].std())
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
