@@ -98,7 +98,7 @@ def _cmd_demo(a: argparse.Namespace) -> None:
 
     cfg = DemoConfig(out=a.out, concept=a.concept, steps=a.steps, seed=a.seed)
     if a.quick:
-        cfg.steps, cfg.prompts, cfg.n, cfg.sample_steps = min(cfg.steps, 30), 2, 2, 10
+        cfg.steps, cfg.prompts, cfg.n, cfg.sample_steps, cfg.n_class = min(cfg.steps or 30, 30), 2, 2, 10, 8
     print(run_demo(cfg, progress=not a.quiet))
 
 
@@ -178,11 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: teach a toy concept, sample before/after, write a report",
                        description="Train one personal concept of the embedded toy world with Custom Diffusion, "
-                       "sample held-out prompts before and after, and write an HTML report with CLIP text and "
-                       "image alignment. A few minutes on a laptop CPU.")
+                       "sample held-out prompts before and after, and write an HTML report: every image judged "
+                       "by the toy world's probe (concept fidelity, context fidelity, class leakage) beside CLIP "
+                       "text/image alignment and KID. A few minutes on a laptop CPU.")
     d.add_argument("--out", default="out/demo", help="output folder (default: out/demo; replaced if present)")
     d.add_argument("--concept", default="checker_square", help="toy concept (see `customdiff toy paths`)")
-    d.add_argument("--steps", type=int, default=250, help="training steps (default: 250)")
+    d.add_argument("--steps", type=int, default=0, help="training steps (default: the calibrated recipe's, "
+                   "see customdiff.toy.recipes)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     d.add_argument("--quick", action="store_true", help="a reduced run (30 steps, 2 prompts) for smoke tests")
     d.set_defaults(func=_cmd_demo)

@@ -225,10 +225,12 @@ def evaluate(pipe: Any, entries: Sequence[EvalEntry], clip: ClipFeatures, *, n: 
              guidance: float = 6.0, seed: int = 0, resolution: int | None = None, n_class: int = 50,
              class_template: str = "{}", max_real: int = 200, kid_subsets: int = 100, kid_subset_size: int = 1000,
              strip: bool = False, batch: int = 8, images_out: str | Path | None = None,
-             images_in: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+             images_in: str | Path | None = None, progress: bool = False, judge: Any = None) -> dict[str, Any]:
     """Sample (or read from `images_in`) every entry's prompts and class prompts and compute the metrics.
 
-    `pipe` has the deltas applied already (None with `images_in`). Returns {"entries": [...], "mean": {...},
+    `pipe` has the deltas applied already (None with `images_in`). With a `judge` (the toy world's probe,
+    `customdiff.toy.fidelity.Judge`), entries whose concepts it knows also get concept/pair fidelity, context
+    fidelity and class leakage, and every image a verdict. Returns {"entries": [...], "mean": {...},
     "settings": {...}}; with `images_out`, images are written as images/prompts/<entry>/ and
     images/class/<class>/ (`{index:04d}.png` + prompts.json + grid.png), the layout `images_in` reads.
     """
@@ -250,6 +252,7 @@ def evaluate(pipe: Any, entries: Sequence[EvalEntry], clip: ClipFeatures, *, n: 
     target_cache: dict[Path, Tensor] = {}
     real_cache: dict[Path, Tensor] = {}
     fake_cache: dict[str, Tensor] = {}
+    fake_images: dict[str, list[Image.Image]] = {}
 
     def target_feats(folder: Path) -> Tensor:
         if folder not in target_cache:
@@ -274,6 +277,7 @@ def evaluate(pipe: Any, entries: Sequence[EvalEntry], clip: ClipFeatures, *, n: 
                     _write_images(img_out / "class" / folder_name, images, [prompt] * len(images), seeds,
                                   cols=math.ceil(math.sqrt(len(images))))
             fake_cache[prompt] = clip.image_features(images)
+            fake_images[prompt] = images
         return fake_cache[prompt]
 
     results = []
@@ -310,17 +314,40 @@ def evaluate(pipe: Any, entries: Sequence[EvalEntry], clip: ClipFeatures, *, n: 
                 "image_alignment": _mean(list(ia.values())), "image_alignment_per_concept": ia,
                 "kid_x1000": _mean([k["kid_x1000"] for k in kids.values()]),
                 "kid_x1000_std": _mean([k["kid_x1000_std"] for k in kids.values()]), "kid_per_concept": kids,
+                **_probe_metrics(judge, e, images, prompts, fake_feats, fake_images, class_template),
             })
             log.info("%s: text %.4f, image %.4f, KID x1000 %s", e.name, ta["cosine"], results[-1]["image_alignment"],
                      "n/a" if results[-1]["kid_x1000"] is None else f"{results[-1]['kid_x1000']:.3f}")
     finally:
         bar.close()
-    keys = ("text_alignment", "clipscore", "image_alignment", "kid_x1000")
+    keys = ("text_alignment", "clipscore", "image_alignment", "kid_x1000", *PROBE_KEYS)
     settings = {"n": n, "steps": steps, "guidance": guidance, "seed": seed, "resolution": resolution,
                 "n_class": n_class, "class_template": class_template, "max_real": max_real,
                 "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size, "strip_tokens": strip,
                 "clip": clip.path, "images_in": str(img_in) if img_in else None}
-    return {"entries": results, "mean": {k: _mean([r[k] for r in results]) for k in keys}, "settings": settings}
+    return {"entries": results, "mean": {k: _mean([r.get(k) for r in results]) for k in keys}, "settings": settings}
+
+
+PROBE_KEYS = ("concept_fidelity", "pair_fidelity", "context_fidelity", "class_leakage")
+
+
+def _probe_metrics(judge: Any, e: EvalEntry, images: list[Image.Image], prompts: list[str], fake_feats: Any,
+                   fake_images: dict[str, list[Image.Image]], class_template: str) -> dict[str, Any]:
+    """The toy judge's measures for one entry ({} without a judge or for concepts it does not know)."""
+    if judge is None or any(c.instance_dir.name not in judge.looks for c in e.concepts):
+        return {}
+    from .toy.fidelity import judge as verdicts_of
+    from .toy.fidelity import leakage, summarize
+
+    looks = {find_tokens(c.phrase())[0]: judge.looks[c.instance_dir.name] for c in e.concepts}
+    verdicts = verdicts_of(judge.read(images), prompts, looks)
+    leaks = []
+    for c in e.concepts:
+        cp = class_template.replace("{}", c.class_prompt)
+        fake_feats(cp)  # samples the class prompt if KID has not
+        leaks.append(leakage(judge.read(fake_images[cp]), judge.looks[c.instance_dir.name]))
+    return {**summarize(verdicts, len(e.concepts)), "class_leakage": _mean(leaks),
+            "verdicts": [v.label() for v in verdicts]}
 
 
 def _fmt(v: float | None, digits: int = 4) -> str:
@@ -328,16 +355,20 @@ def _fmt(v: float | None, digits: int = 4) -> str:
 
 
 def markdown_report(result: dict[str, Any]) -> str:
-    """A markdown table of the per-entry metrics and their mean."""
-    lines = ["| entry | prompts | images | text alignment | CLIPScore | image alignment | KID x1000 |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """A markdown table of the per-entry metrics and their mean (probe columns when a toy judge scored them)."""
+    probe = [k for k in PROBE_KEYS if any(r.get(k) is not None for r in result["entries"])]
+    lines = ["| entry | prompts | images | text alignment | CLIPScore | image alignment | KID x1000 |"
+             + "".join(f" {k.replace('_', ' ')} |" for k in probe),
+             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(probe)]
     for r in result["entries"]:
         kid_cell = _fmt(r["kid_x1000"], 3) + ("" if r["kid_x1000_std"] is None else f" ± {r['kid_x1000_std']:.3f}")
         lines.append(f"| {r['name']} | {r['prompts']} | {r['images']} | {_fmt(r['text_alignment'])} | "
-                     f"{_fmt(r['clipscore'])} | {_fmt(r['image_alignment'])} | {kid_cell} |")
+                     f"{_fmt(r['clipscore'])} | {_fmt(r['image_alignment'])} | {kid_cell} |"
+                     + "".join(f" {_fmt(r.get(k), 3)} |" for k in probe))
     m = result["mean"]
     lines.append(f"| **mean** | | | {_fmt(m['text_alignment'])} | {_fmt(m['clipscore'])} | "
-                 f"{_fmt(m['image_alignment'])} | {_fmt(m['kid_x1000'], 3)} |")
+                 f"{_fmt(m['image_alignment'])} | {_fmt(m['kid_x1000'], 3)} |"
+                 + "".join(f" {_fmt(m.get(k), 3)} |" for k in probe))
     s = result["settings"]
     kids = {k["class_prompt"]: (k["n_generated"], k["n_real"]) for r in result["entries"]
             for k in r["kid_per_concept"].values()}
@@ -345,6 +376,8 @@ def markdown_report(result: dict[str, Any]) -> str:
              f"CLIP {s['clip']}; KID over {s['kid_subsets']} subsets."]
     notes += [f"KID '{cp}': {g} generated vs {r} real images" for cp, (g, r) in kids.items()]
     notes += [f"{k}: {s[k]}" for k in ("base", "deltas", "dataset") if k in s]
+    if probe:
+        notes.append("Fidelity, context and leakage are read by the toy world's probe (docs/EVAL.md).")
     return "\n".join(["# Evaluation", "", *lines, "", *(f"- {x}" for x in notes), "",
                       "Text alignment: mean CLIP cosine of each image with its prompt without modifier tokens "
                       "(CLIPScore = 2.5 * max(cos, 0)); image alignment: mean CLIP cosine with the concept photos; "
@@ -408,11 +441,16 @@ def run_eval(base: str, dataset: str | Path, deltas: Sequence[str], clip_path: s
         apply_deltas(pipe, loaded, list(deltas))
     elif deltas:
         log.warning("--images given: the images are read, not generated, so --delta has no effect")
+    judge = None
+    if base == "toy":  # the toy world's probe reads every attribute: probe-exact measures beside CLIP's
+        from .toy.fidelity import Judge
+
+        judge = Judge.toy()
     staging = staging_dir(out)
     try:
         result = evaluate(pipe, entries, clip, images_in=images_in,
                           images_out=None if images_in is not None else staging / IMAGES_DIR, progress=progress,
-                          **kw)
+                          judge=judge, **kw)
         result["settings"].update(base=base, deltas=list(deltas), dataset=str(dataset), device=str(device))
         write_results(result, staging)
         publish(staging, out)

@@ -2,6 +2,9 @@
 
 Stages (each checkpointed under the work dir; a rerun skips finished stages and resumes training):
 data -> vae -> unet+text -> clip -> probe -> concepts -> export (fp16 assets) -> quality.
+clip and probe need only the data, so on two cores they can run beside vae and unet, one thread each:
+`--stages data,vae,unet --threads 1` in one process and `--stages clip,probe --threads 1` in another (it waits
+for the data), then a plain run finishes the rest.
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ STAGES = ("data", "vae", "unet", "clip", "probe", "concepts", "export", "quality
 class BuildConfig:
     """Sizes of the build; `quick` shrinks everything to check the stages end to end."""
 
-    n_images: int = 30000
+    n_images: int = 40000
     vae_steps: int = 600
     unet_steps: int = 12000
-    clip_steps: int = 3000
-    probe_steps: int = 600
+    clip_steps: int = 4000
+    probe_steps: int = 1500
     n_class_images: int = 200
     n_eval: int = 200
 
@@ -42,14 +45,12 @@ class BuildConfig:
 
 
 class Builder:
-    """Runs the stages in order, recording the wall time of each in times.json."""
+    """Runs the stages in order; each stage's wall time goes into its done-marker, its notes into notes/."""
 
     def __init__(self, out: Path, work: Path, cfg: BuildConfig):
         self.out, self.work, self.cfg = out, work, cfg
-        work.mkdir(parents=True, exist_ok=True)
+        (work / "notes").mkdir(parents=True, exist_ok=True)
         out.mkdir(parents=True, exist_ok=True)
-        self.times_path = work / "times.json"
-        self.times = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
         from .tokenizer import make_tokenizer
 
         self.tok_dir = work / "tokenizer"
@@ -64,18 +65,19 @@ class Builder:
         log.info("stage %s: start", name)
         t0 = time.time()
         fn()
-        self.times[name] = self.times.get(name, 0.0) + time.time() - t0
-        self.times_path.write_text(json.dumps(self.times, indent=2))
-        marker.write_text("ok\n")
+        marker.write_text(f"{time.time() - t0:.1f}\n")  # seconds of this (last) run of the stage
         log.info("stage %s: done in %.0f s", name, time.time() - t0)
 
     # -------------------------------------------------------------------------------------- stages
     def data(self) -> None:
         from .probe import scene_targets
+        from .train_clip import clip_targets
         from .world import sample_dataset
 
         images, captions, scenes = sample_dataset(self.cfg.n_images, seed=0)
-        np.savez_compressed(self.work / "world.npz", images=images, targets=scene_targets(scenes))
+        clip_y, named = clip_targets(scenes)
+        np.savez_compressed(self.work / "world.npz", images=images, targets=scene_targets(scenes), clip_y=clip_y,
+                            clip_named=named)
         (self.work / "captions.json").write_text(json.dumps(captions))
 
     def _world(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -110,11 +112,12 @@ class Builder:
         from .train_base import tokenize
         from .train_clip import train_clip
 
-        images, targets, captions = self._world()
+        images, _, captions = self._world()
+        d = np.load(self.work / "world.npz")
         ids = tokenize(self.tokenizer, captions)
         caption_ids = np.unique(np.array(captions), return_inverse=True)[1]
-        model, losses = train_clip(images, ids, caption_ids, targets, self.tokenizer, self.work / "clip.pt",
-                                   self.cfg.clip_steps)
+        model, losses = train_clip(images, ids, caption_ids, d["clip_y"], d["clip_named"], self.tokenizer,
+                                   self.work / "clip.pt", self.cfg.clip_steps)
         model.save_pretrained(self.work / "clip_final")
         self._note("clip", {"final_loss": float(np.mean(losses[-100:])), "first_loss": losses[0]})
 
@@ -167,22 +170,26 @@ class Builder:
 
     # -------------------------------------------------------------------------------------- notes
     def _note(self, key: str, value) -> None:
-        path = self.work / "notes.json"
-        notes = json.loads(path.read_text()) if path.exists() else {}
-        notes[key] = value
-        path.write_text(json.dumps(notes, indent=2))
+        # one file per note: stages running in two processes never write the same file
+        (self.work / "notes" / f"{key}.json").write_text(json.dumps(value, indent=2))
 
     def redo(self, first: str) -> None:
         """Forget that `first` and every later stage finished (training resumes from its checkpoint)."""
         for name in STAGES[STAGES.index(first):]:
             (self.work / f"{name}.done").unlink(missing_ok=True)
 
-    def run(self) -> None:
-        """All stages, then a build report (config, times, notes) next to the assets."""
-        for name in STAGES:
+    def run(self, stages: tuple[str, ...] = STAGES) -> None:
+        """The given stages (all by default); after the last one, a build report next to the assets."""
+        for name in stages:
+            if name != "data":
+                while not (self.work / "data.done").exists():  # a parallel process is writing the data
+                    time.sleep(5)
             self.stage(name, getattr(self, name))
-        notes = json.loads((self.work / "notes.json").read_text())
-        report = {"config": asdict(self.cfg), "stage_seconds": self.times, **notes}
+        if not all((self.work / f"{n}.done").exists() for n in STAGES):
+            return
+        notes = {p.stem: json.loads(p.read_text()) for p in sorted((self.work / "notes").glob("*.json"))}
+        times = {n: float((self.work / f"{n}.done").read_text()) for n in STAGES}
+        report = {"config": asdict(self.cfg), "stage_seconds": times, **notes}
         (self.out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
         log.info("build finished: %s", json.dumps(report))
 
@@ -196,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--redo", choices=STAGES, help="rerun this stage and all later ones; with --set *_steps=N "
                    "a training stage continues from its checkpoint to the new step count")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help="comma-separated stages to run (default: all; see the module docstring for two cores)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=N",
                    help="override a BuildConfig size, e.g. --set unet_steps=2000")
     args = p.parse_args(argv)
@@ -208,10 +217,13 @@ def main(argv: list[str] | None = None) -> None:
         if not hasattr(cfg, key):
             p.error(f"unknown build setting {key!r}")
         setattr(cfg, key, int(value))
+    stages = tuple(args.stages.split(","))
+    if unknown := set(stages) - set(STAGES):
+        p.error(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
     builder = Builder(args.out.resolve(), work.resolve(), cfg)
     if args.redo:
         builder.redo(args.redo)
-    builder.run()
+    builder.run(stages)
 
 
 if __name__ == "__main__":

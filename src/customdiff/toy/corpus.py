@@ -37,8 +37,7 @@ def write_class_images(out_dir: str | Path, class_word: str, n: int, seed: int, 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(n):
-        scene = sample_scene(rng, size=size)
-        scene.objects[0].shape = class_word
+        scene = sample_scene(rng, size=size, shape=class_word)
         _write(out, i, render(scene, size), caption(scene, size))
     log.info("wrote %d %s images to %s", n, class_word, out)
     return out

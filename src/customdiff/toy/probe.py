@@ -1,8 +1,13 @@
-"""A small CNN that tells which shapes and colours are in a world image (the judge for generated images)."""
+"""A small CNN that reads every attribute of a world image (the judge for generated images).
+
+It reads the setting and up to two objects in reading order (slot 0 is the left or upper object, slot 1 the
+other one or "absent"), each as shape, colour, pattern, pattern colour and detail.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,37 +16,54 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import run_loop
-from .world import COLOURS, SHAPES, Scene
+from .world import COLOURS, DETAILS, PATTERN_COLOURS, PATTERNS, SETTINGS, SHAPES, Look, Scene
 
 log = logging.getLogger(__name__)
 
+# one column per head in the target array; -1 means "no label" (ignored by the loss)
+SLOT_HEADS: dict[str, tuple[str, ...]] = {
+    "shape": (*SHAPES, "absent"), "colour": tuple(COLOURS), "pattern": tuple(PATTERNS),
+    "pattern_colour": tuple(PATTERN_COLOURS), "detail": DETAILS,
+}
+HEADS: dict[str, tuple[str, ...]] = {"setting": tuple(SETTINGS)}
+for _slot in (0, 1):
+    HEADS.update({f"{k}{_slot}": v for k, v in SLOT_HEADS.items()})
+
 
 class Probe(nn.Module):
-    """Conv net 32x32x3 -> (shape logits [6], colour logits [6]), multi-label."""
+    """Conv net (B, 3, 32, 32) -> a dict of logits, one entry per head of HEADS."""
 
-    def __init__(self, width: int = 48):
+    def __init__(self, width: int = 48, hidden: int = 256):
         super().__init__()
         w = width
         self.body = nn.Sequential(
             nn.Conv2d(3, w, 3, padding=1), nn.GELU(), nn.Conv2d(w, w, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
             nn.Conv2d(w, 2 * w, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.GELU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),  # (B, 2w, 4, 4): keeps position
+            nn.Flatten(), nn.Linear(16 * 2 * w, hidden), nn.GELU(),
         )
-        self.head = nn.Linear(2 * w, len(SHAPES) + len(COLOURS))
+        self.heads = nn.ModuleDict({k: nn.Linear(hidden, len(v)) for k, v in HEADS.items()})
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x: (B, 3, 32, 32) in [-1, 1]
-        out = self.head(self.body(x))
-        return out[:, :len(SHAPES)], out[:, len(SHAPES):]
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # x: (B, 3, 32, 32) in [-1, 1]
+        h = self.body(x)
+        return {k: head(h) for k, head in self.heads.items()}
 
 
 def scene_targets(scenes: list[Scene]) -> np.ndarray:
-    """Multi-hot (N, 12): shapes present then colours present."""
-    y = np.zeros((len(scenes), len(SHAPES) + len(COLOURS)), np.float32)
-    colours = list(COLOURS)
+    """Integer labels (N, len(HEADS)), -1 where a head has no label (absent slot, plain pattern's colour)."""
+    y = np.full((len(scenes), len(HEADS)), -1, np.int64)
+    cols = {k: i for i, k in enumerate(HEADS)}
     for i, sc in enumerate(scenes):
-        for o in sc.objects:
-            y[i, SHAPES.index(o.shape)] = 1
-            y[i, len(SHAPES) + colours.index(o.colour)] = 1
+        y[i, cols["setting"]] = HEADS["setting"].index(sc.setting)
+        y[i, cols["shape1"]] = SLOT_HEADS["shape"].index("absent")
+        for slot, o in enumerate(sc.objects[:2]):
+            lk = o.look
+            y[i, cols[f"shape{slot}"]] = SHAPES.index(lk.shape)
+            y[i, cols[f"colour{slot}"]] = SLOT_HEADS["colour"].index(lk.colour)
+            y[i, cols[f"pattern{slot}"]] = SLOT_HEADS["pattern"].index(lk.pattern)
+            if lk.pattern != "plain":
+                y[i, cols[f"pattern_colour{slot}"]] = SLOT_HEADS["pattern_colour"].index(lk.pattern_colour)
+            y[i, cols[f"detail{slot}"]] = SLOT_HEADS["detail"].index(lk.detail)
     return y
 
 
@@ -49,12 +71,18 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     # generated images are softer and noisier than renders: blur half the batch, add a little noise
     blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     pick = torch.rand(x.shape[0], 1, 1, 1, generator=gen) < 0.5
-    x = torch.where(pick, 0.5 * x + 0.5 * blur, x)
-    return x + 0.06 * torch.randn(x.shape, generator=gen)
+    x = torch.where(pick, 0.6 * x + 0.4 * blur, x)
+    return x + 0.05 * torch.randn(x.shape, generator=gen)
+
+
+def probe_loss(probe: Probe, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sum over heads of the cross-entropy, skipping unlabelled entries."""
+    out = probe(x)
+    return sum(F.cross_entropy(out[k], y[:, j], ignore_index=-1) for j, k in enumerate(HEADS))
 
 
 def train_probe(images: np.ndarray, targets: np.ndarray, ckpt: Path, steps: int, batch: int = 128, seed: int = 4):
-    """Train the probe with BCE on multi-hot shape/colour labels."""
+    """Train the probe on rendered world images and their scene labels."""
     from .train_base import to_tensor
 
     torch.manual_seed(seed)
@@ -63,8 +91,7 @@ def train_probe(images: np.ndarray, targets: np.ndarray, ckpt: Path, steps: int,
 
     def step(i: int, rng: np.random.Generator, gen: torch.Generator) -> float:
         idx = rng.integers(0, len(images), batch)
-        s, c = probe(_augment(to_tensor(images[idx]), gen))
-        loss = F.binary_cross_entropy_with_logits(torch.cat([s, c], 1), torch.from_numpy(targets[idx]))
+        loss = probe_loss(probe, _augment(to_tensor(images[idx]), gen), torch.from_numpy(targets[idx]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -74,11 +101,37 @@ def train_probe(images: np.ndarray, targets: np.ndarray, ckpt: Path, steps: int,
     return probe.eval(), losses
 
 
+@dataclass
+class Reading:
+    """What the probe sees in one image: the setting and one or two objects in reading order."""
+
+    setting: str
+    objects: list[Look]
+
+
 @torch.no_grad()
-def predict(probe: Probe, x: torch.Tensor, k: int = 1) -> tuple[list[list[str]], list[list[str]]]:
-    """Top-k shapes and top-k colours, best first, for each image in x ((N, 3, 32, 32) in [-1, 1])."""
-    s, c = probe(x)
-    colours = list(COLOURS)
-    shapes = [[SHAPES[j] for j in row.tolist()] for row in s.topk(k, 1).indices]
-    cols = [[colours[j] for j in row.tolist()] for row in c.topk(k, 1).indices]
-    return shapes, cols
+def read(probe: Probe, x: torch.Tensor) -> list[Reading]:
+    """The probe's reading of each image in x ((N, 3, 32, 32) in [-1, 1])."""
+    out = {k: v.argmax(1).tolist() for k, v in probe(x).items()}
+    readings = []
+    for i in range(x.shape[0]):
+        objs = []
+        for slot in (0, 1):
+            shape = SLOT_HEADS["shape"][out[f"shape{slot}"][i]]
+            if shape == "absent":
+                continue
+            pattern = SLOT_HEADS["pattern"][out[f"pattern{slot}"][i]]
+            pcol = SLOT_HEADS["pattern_colour"][out[f"pattern_colour{slot}"][i]] if pattern != "plain" else ""
+            objs.append(Look(shape, SLOT_HEADS["colour"][out[f"colour{slot}"][i]], pattern, pcol,
+                             SLOT_HEADS["detail"][out[f"detail{slot}"][i]]))
+        readings.append(Reading(HEADS["setting"][out["setting"][i]], objs))
+    return readings
+
+
+def load_probe(path: str | Path) -> Probe:
+    """Load the evaluation probe from a safetensors file."""
+    from safetensors.torch import load_file
+
+    probe = Probe()
+    probe.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return probe.eval()

@@ -6,12 +6,11 @@ import json
 import logging
 from pathlib import Path
 
-from .world import vocabulary
+from .world import RARE_WORDS, vocabulary
 
 log = logging.getLogger(__name__)
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-RARE_WORDS = ("ktn", "pll", "ucd", "sks")  # never in captions: initializers for new tokens
 MAX_LENGTH = 32
 
 

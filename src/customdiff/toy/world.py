@@ -1,14 +1,19 @@
-"""A procedural, captioned image world: one or two coloured shapes on a background, deterministic from a seed.
+"""A procedural, captioned image world (v2): one or two patterned shapes on a background, deterministic from a seed.
 
-Objects are drawn at 4x the output size and box-filtered down, so edges are anti-aliased but the interior of
-every object keeps its exact colour (tests check the pixel at a bbox centre).
+Every object has a shape, a colour, a surface pattern drawn in a second colour (or none), and sometimes a detail
+(a thin dark border or a dark spot). Captions describe a scene only partly, as real alt-text does: the colour
+and the pattern are often left out and the detail never named, so the base model learns to draw every element
+but no prompt pins down one instance. The personal concepts (`PERSONAL`) are specific combinations that base
+training never shows; each of their elements occurs in base training in other combinations.
+
+Objects are drawn at 4x the output size and box-filtered down, so edges are anti-aliased.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -25,6 +30,15 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 40, 190),
     "orange": (250, 130, 15),
 }
+# a pattern is painted in a second colour: one of the object colours, or white or black
+PATTERN_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, "white": (250, 250, 250), "black": (15, 15, 15)}
+# pattern -> caption phrase (the pattern colour goes before the last word: "with white checks", "with a red ring")
+PATTERNS: dict[str, str] = {
+    "plain": "", "checks": "with checks", "stripes": "with stripes", "dots": "with dots",
+    "ring": "with a ring", "band": "with a band", "half": "with a half",
+}
+DETAILS = ("none", "border", "spot")  # never named in captions: the identity of a personal concept
+DETAIL_COLOUR = (20, 20, 20)
 # "" is the plain studio background; the others get a phrase in the caption.
 SETTINGS: dict[str, str] = {
     "plain": "",
@@ -33,22 +47,62 @@ SETTINGS: dict[str, str] = {
     "sky": " in the sky",
     "beach": " on a beach",
 }
-STYLES: dict[str, str] = {"solid": "", "outline": " in outline style"}
 RELATIONS = ("next to", "above")
 TEMPLATES = ("photo of {}", "{}", "a picture of {}")
-SIZE_WORDS = {"small": 11, "big": 21}  # bbox side (px at SIZE) below / above which the size is named
+SIZE_WORDS = {"small": 15, "big": 23}  # bbox side (px at SIZE) at or below / above which the size may be named
+RARE_WORDS = ("ktn", "pll", "ucd", "sks")  # rare caption noise (as in web alt-text): trained rows, no meaning
+# how often a caption names what is drawn (partial captions, as real alt-text)
+P_NAME_COLOUR, P_NAME_PATTERN, P_NAME_PATTERN_COLOUR, P_NAME_SETTING, P_NAME_SIZE = 0.85, 0.7, 0.6, 0.85, 0.5
+P_PATTERNED, P_DETAIL, P_RARE_WORD = 0.55, 0.3, 0.03
 EXTRA_WORDS = ("left", "right", "on", "the", "far", "away", "very", "zoomed", "in", "close", "up", "with", "and",
-               "of", "an", "object", "shape", "image", "photo", "picture", "white", "black", "pink", "stripe",
-               "dot", "dots", "checkerboard", "pattern", "spots", "ring", "band", "two", "tone", "eye", "centre")
+               "of", "an", "object", "shape", "image", "photo", "picture")
+
+
+@dataclass(frozen=True)
+class Look:
+    """What an object looks like: class word, colour, pattern, pattern colour ('' when plain) and detail."""
+
+    shape: str
+    colour: str
+    pattern: str = "plain"
+    pattern_colour: str = ""
+    detail: str = "none"
+
+    def key(self) -> tuple[str, str, str, str]:
+        """The attributes a probe reads and a caption can name (the detail is never named)."""
+        return self.shape, self.colour, self.pattern, self.pattern_colour
+
+
+# The personal concepts: held-out combinations, each with an identity detail that no caption names.
+PERSONAL: dict[str, Look] = {
+    "checker_square": Look("square", "blue", "checks", "white", "border"),
+    "striped_circle": Look("circle", "red", "stripes", "black", "spot"),
+    "banded_triangle": Look("triangle", "orange", "band", "black", "border"),
+    "dotted_heart": Look("heart", "purple", "dots", "white", "spot"),
+    "ringed_star": Look("star", "yellow", "ring", "red", "border"),
+    "twotone_cross": Look("cross", "green", "half", "yellow", "spot"),
+}
+HELD_OUT = frozenset(look.key() for look in PERSONAL.values())
 
 
 @dataclass
 class Obj:
-    """One drawn object: class word, colour name and bbox (x0, y0, x1, y1) in output pixels, x1/y1 exclusive."""
+    """One drawn object: its look and bbox (x0, y0, x1, y1) in output pixels, x1/y1 exclusive."""
 
-    shape: str
-    colour: str
+    look: Look
     bbox: tuple[int, int, int, int]
+    # which attributes the caption names (set by sample_scene; concept photos name none)
+    named: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> str:
+        """The class word."""
+        return self.look.shape
+
+    @property
+    def colour(self) -> str:
+        """The colour name."""
+        return self.look.colour
 
     @property
     def centre(self) -> tuple[int, int]:
@@ -63,21 +117,22 @@ class Obj:
 
 @dataclass
 class Scene:
-    """A world scene; `objects[0]` is the main object (named first in the caption)."""
+    """A world scene; `objects[0]` is the main object (named first; left of / above the second)."""
 
     objects: list[Obj]
     setting: str = "plain"
-    style: str = "solid"
     relation: str | None = None  # "next to" / "above" when there are two objects
     template: str = TEMPLATES[0]
     seed: int = 0  # drives background texture only
     name_position: bool = False  # say "on the left/right" for a single off-centre object
+    name_setting: bool = True
+    rare_word: str = ""  # caption noise appended at the end
 
 
 def vocabulary() -> list[str]:
     """Every word the world's captions and concept prompts use (for the tokenizer)."""
-    words: set[str] = set(SHAPES) | set(COLOURS) | set(SIZE_WORDS)
-    for phrase in list(SETTINGS.values()) + list(STYLES.values()) + list(RELATIONS) + list(TEMPLATES):
+    words: set[str] = set(SHAPES) | set(PATTERN_COLOURS) | set(SIZE_WORDS) | set(RARE_WORDS)
+    for phrase in [*SETTINGS.values(), *PATTERNS.values(), *RELATIONS, *TEMPLATES]:
         words.update(w for w in phrase.replace("{}", " ").split() if w)
     words.update(EXTRA_WORDS)
     words.update({"a"})
@@ -90,31 +145,57 @@ def _place(rng: np.random.Generator, side: int, x_range: tuple[int, int], y_rang
     return (x0, y0, x0 + side, y0 + side)
 
 
-def sample_scene(rng: np.random.Generator, n_objects: int | None = None, size: int = SIZE) -> Scene:
-    """Draw a random scene: 70% one object, 30% two objects in a relation."""
+def sample_look(rng: np.random.Generator, shape: str | None = None, held_out: Iterable = HELD_OUT) -> Look:
+    """A random look that is not one of the held-out personal combinations."""
+    held = set(held_out)
+    while True:
+        s = shape or str(rng.choice(SHAPES))
+        colour = str(rng.choice(list(COLOURS)))
+        pattern, pcol = "plain", ""
+        if rng.random() < P_PATTERNED:
+            pattern = str(rng.choice([p for p in PATTERNS if p != "plain"]))
+            pcol = str(rng.choice([c for c in PATTERN_COLOURS if c != colour]))
+        detail = str(rng.choice(DETAILS[1:])) if rng.random() < P_DETAIL else "none"
+        look = Look(s, colour, pattern, pcol, detail)
+        if look.key() not in held:
+            return look
+
+
+def _naming(rng: np.random.Generator, look: Look) -> dict[str, bool]:
+    patterned = look.pattern != "plain"
+    name_pattern = patterned and rng.random() < P_NAME_PATTERN
+    return {"colour": bool(rng.random() < P_NAME_COLOUR), "pattern": bool(name_pattern),
+            "pattern_colour": bool(name_pattern and rng.random() < P_NAME_PATTERN_COLOUR),
+            "size": bool(rng.random() < P_NAME_SIZE)}
+
+
+def sample_scene(rng: np.random.Generator, n_objects: int | None = None, size: int = SIZE,
+                 shape: str | None = None) -> Scene:
+    """Draw a random scene: 70% one object, 30% two objects in a relation; `shape` fixes the main object's."""
     n = n_objects if n_objects is not None else (1 if rng.random() < 0.7 else 2)
     setting = str(rng.choice(list(SETTINGS)))
-    style = "outline" if rng.random() < 0.15 else "solid"
     template = str(rng.choice(TEMPLATES))
     seed = int(rng.integers(2**31))
-    shapes = rng.choice(SHAPES, size=n, replace=True)
-    colours = rng.choice(list(COLOURS), size=n, replace=n > len(COLOURS))
+    looks = [sample_look(rng, shape if i == 0 else None) for i in range(n)]
+    name_setting = bool(rng.random() < P_NAME_SETTING)
+    rare = str(rng.choice(RARE_WORDS)) if rng.random() < P_RARE_WORD else ""
     if n == 1:
-        side = int(rng.integers(size * 9 // 32, size * 24 // 32 + 1))
+        side = int(rng.integers(size * 14 // 32, size * 26 // 32 + 1))
         bbox = _place(rng, side, (1, size - 1), (1, size - 1))
-        return Scene([Obj(str(shapes[0]), str(colours[0]), bbox)], setting, style, None, template, seed,
-                     name_position=bool(rng.random() < 0.5))
+        obj = Obj(looks[0], bbox, _naming(rng, looks[0]))
+        return Scene([obj], setting, None, template, seed, name_position=bool(rng.random() < 0.5),
+                     name_setting=name_setting, rare_word=rare)
     relation = str(rng.choice(RELATIONS))
     half = size // 2
     objs = []
     for i in range(2):
-        side = int(rng.integers(size * 8 // 32, size * 14 // 32 + 1))
+        side = int(rng.integers(size * 12 // 32, size * 15 // 32 + 1))
         if relation == "next to":  # first object on the left half
             bbox = _place(rng, side, (1 + i * half, half + i * (half - 1)), (2, size - 2))
         else:  # first object on the top half
             bbox = _place(rng, side, (2, size - 2), (1 + i * half, half + i * (half - 1)))
-        objs.append(Obj(str(shapes[i]), str(colours[i]), bbox))
-    return Scene(objs, setting, style, relation, template, seed)
+        objs.append(Obj(looks[i], bbox, _naming(rng, looks[i])))
+    return Scene(objs, setting, relation, template, seed, name_setting=name_setting, rare_word=rare)
 
 
 def _size_word(obj: Obj, size: int) -> str:
@@ -126,10 +207,29 @@ def _size_word(obj: Obj, size: int) -> str:
     return ""
 
 
-def object_phrase(obj: Obj, size: int = SIZE) -> str:
-    """'a small red circle' style phrase for one object."""
-    words = f"{_size_word(obj, size)}{obj.colour} {obj.shape}"
+def pattern_phrase(look: Look, with_colour: bool = True) -> str:
+    """'with white checks' / 'with a red ring' ('' for a plain look)."""
+    phrase = PATTERNS[look.pattern]
+    if not phrase or not with_colour:
+        return phrase
+    head, last = phrase.rsplit(" ", 1)
+    return f"{head} {look.pattern_colour} {last}"
+
+
+def look_phrase(look: Look, colour: bool = True, pattern: bool = True, pattern_colour: bool = True,
+                size_word: str = "") -> str:
+    """'a small red circle with white dots' style phrase naming the chosen attributes."""
+    words = size_word + (f"{look.colour} " if colour else "") + look.shape
+    if pattern and look.pattern != "plain":
+        words += " " + pattern_phrase(look, pattern_colour)
     return ("an " if words[0] in "aeiou" else "a ") + words
+
+
+def object_phrase(obj: Obj, size: int = SIZE) -> str:
+    """The caption's phrase for one object: what `obj.named` says to name (everything when empty)."""
+    n = obj.named or {"colour": True, "pattern": True, "pattern_colour": True, "size": True}
+    return look_phrase(obj.look, n["colour"], n["pattern"], n["pattern_colour"],
+                       _size_word(obj, size) if n["size"] else "")
 
 
 def caption(scene: Scene, size: int = SIZE, phrases: list[str] | None = None) -> str:
@@ -145,7 +245,8 @@ def caption(scene: Scene, size: int = SIZE, phrases: list[str] | None = None) ->
                 body += " on the right"
     else:
         body = f"{names[0]} {scene.relation} {names[1]}"
-    return scene.template.format(body + SETTINGS[scene.setting] + STYLES[scene.style])
+    text = scene.template.format(body + (SETTINGS[scene.setting] if scene.name_setting else ""))
+    return f"{text} {scene.rare_word}" if scene.rare_word else text
 
 
 # ---------------------------------------------------------------------------------------------- drawing
@@ -214,41 +315,75 @@ def shape_mask(shape: str, s: int) -> Image.Image:
     return m
 
 
-def _outline(mask: Image.Image, width: int) -> Image.Image:
-    """Ring of `width` px inside the mask's border (mask minus its erosion)."""
-    a = np.asarray(mask) > 127
-    inner = a.copy()
+def _border(mask: Image.Image, width: int) -> np.ndarray:
+    """Boolean ring of `width` px inside the mask's border (mask minus its erosion)."""
+    full = np.asarray(mask) > 127
+    inner = full.copy()
     for _ in range(width):  # erosion by a 3x3 cross, repeated
-        inner[1:-1, 1:-1] &= a[:-2, 1:-1] & a[2:, 1:-1] & a[1:-1, :-2] & a[1:-1, 2:]
-        inner[0, :] = inner[-1, :] = inner[:, 0] = inner[:, -1] = False
-        a = inner.copy()
-    ring = (np.asarray(mask) > 127) & ~inner
-    return Image.fromarray((ring * 255).astype(np.uint8))
+        nxt = inner.copy()
+        nxt[1:-1, 1:-1] &= inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
+        nxt[0, :] = nxt[-1, :] = nxt[:, 0] = nxt[:, -1] = False
+        inner = nxt
+    return full & ~inner
 
 
-Painter = Callable[[Image.Image, Image.Image], None]  # (canvas patch, mask) -> draws in place
+def paint_pattern(patch: Image.Image, pattern: str, colour: tuple[int, int, int],
+                  base: tuple[int, int, int]) -> None:
+    """Paint a surface pattern in `colour` over a square object patch of colour `base` (the mask cuts it later).
+
+    The patterns are coarse enough to survive the box filter down to a 14-26 px object.
+    """
+    d, s = ImageDraw.Draw(patch), patch.size[0]
+    if pattern == "checks":  # 4 x 4 cells
+        c = s / 4
+        for i in range(4):
+            for j in range(4):
+                if (i + j) % 2:
+                    d.rectangle((i * c, j * c, (i + 1) * c - 1, (j + 1) * c - 1), fill=colour)
+    elif pattern == "stripes":  # three horizontal stripes
+        for k in (1, 3, 5):
+            d.rectangle((0, k * s / 7, s, (k + 1) * s / 7 - 1), fill=colour)
+    elif pattern == "dots":  # five dots in a quincunx
+        r = 0.11 * s
+        for cx, cy in ((0.3, 0.36), (0.7, 0.36), (0.5, 0.56), (0.3, 0.76), (0.7, 0.76)):
+            d.ellipse((cx * s - r, cy * s - r, cx * s + r, cy * s + r), fill=colour)
+    elif pattern == "ring":  # a thick ring around the centre
+        d.ellipse((0.2 * s, 0.27 * s, 0.8 * s, 0.87 * s), fill=colour)
+        d.ellipse((0.36 * s, 0.43 * s, 0.64 * s, 0.71 * s), fill=base)
+    elif pattern == "band":  # one wide horizontal band through the middle
+        d.rectangle((0, 0.42 * s, s, 0.68 * s), fill=colour)
+    elif pattern == "half":  # the lower half in the second colour
+        d.rectangle((0, 0.55 * s, s, s), fill=colour)
+    elif pattern != "plain":
+        raise ValueError(f"unknown pattern {pattern!r}")
 
 
-def paint_object(canvas: Image.Image, obj: Obj, style: str, scale: int, painter: Painter | None = None) -> None:
-    """Draw one object into the supersampled canvas; `painter` overrides the fill (personal concepts)."""
+def paint_object(canvas: Image.Image, obj: Obj, scale: int) -> None:
+    """Draw one object (fill, pattern, detail) into the supersampled canvas."""
+    look = obj.look
     x0, y0, x1, y1 = (v * scale for v in obj.bbox)
     s = x1 - x0
-    mask = shape_mask(obj.shape, s)
-    if style == "outline":
-        mask = _outline(mask, width=2 * scale)
-    patch = Image.new("RGB", (s, s), COLOURS.get(obj.colour, (0, 0, 0)))
-    if painter is not None:
-        painter(patch, mask)
+    mask = shape_mask(look.shape, s)
+    base = COLOURS[look.colour]
+    patch = Image.new("RGB", (s, s), base)
+    if look.pattern != "plain":
+        paint_pattern(patch, look.pattern, PATTERN_COLOURS[look.pattern_colour], base)
+    if look.detail == "border":  # a thin dark outline, one output pixel wide
+        arr = np.asarray(patch).copy()
+        arr[_border(mask, scale)] = DETAIL_COLOUR
+        patch = Image.fromarray(arr)
+    elif look.detail == "spot":  # a dark spot high in the middle
+        d, r = ImageDraw.Draw(patch), 0.1 * s
+        d.ellipse((0.5 * s - r, 0.22 * s - r + 0.12 * s, 0.5 * s + r, 0.22 * s + r + 0.12 * s), fill=DETAIL_COLOUR)
     canvas.paste(patch, (x0, y0), mask)
 
 
-def render(scene: Scene, size: int = SIZE, painters: list[Painter | None] | None = None) -> Image.Image:
+def render(scene: Scene, size: int = SIZE) -> Image.Image:
     """Render a scene to an RGB image of `size` x `size` (bboxes are in `size` pixels)."""
     s = size * SUPERSAMPLE
     canvas = _background(scene.setting, scene.seed, s)
-    for i, obj in enumerate(scene.objects):
-        painter = painters[i] if painters else None
-        paint_object(canvas, obj, scene.style, SUPERSAMPLE, painter)
+    for obj in scene.objects:
+        paint_object(canvas, obj, SUPERSAMPLE)
     return canvas.resize((size, size), Image.Resampling.BOX)
 
 
