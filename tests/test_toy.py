@@ -11,7 +11,18 @@ import torch
 
 from customdiff.toy import paths
 from customdiff.toy.corpus import write_class_images, write_corpus
-from customdiff.toy.world import COLOURS, SHAPES, SIZE, caption, render, sample_dataset, sample_scene
+from customdiff.toy.world import (
+    COLOURS,
+    HELD_OUT,
+    PATTERN_COLOURS,
+    PERSONAL,
+    SHAPES,
+    SIZE,
+    caption,
+    render,
+    sample_dataset,
+    sample_scene,
+)
 
 
 def test_world_is_deterministic():
@@ -22,21 +33,35 @@ def test_world_is_deterministic():
     assert not np.array_equal(a_img, c_img) and a_cap != c_cap
 
 
+def _near(img: np.ndarray, colour: tuple[int, int, int], box: tuple[int, int, int, int], tol: int = 8) -> int:
+    x0, y0, x1, y1 = box
+    patch = img[y0:y1, x0:x1]
+    return int((np.abs(patch - np.array(colour)).max(-1) <= tol).sum())
+
+
 @pytest.mark.parametrize("n_objects", [1, 2])
 def test_caption_and_image_agree(n_objects):
+    from customdiff.toy.fidelity import parse_prompt
+
     rng = np.random.default_rng(11)
     for _ in range(150):
         scene = sample_scene(rng, n_objects=n_objects)
-        scene.style = "solid"
         img = np.asarray(render(scene)).astype(int)
         text = caption(scene)
-        for obj in scene.objects:
+        spec = parse_prompt(text)  # what the caption names, read back by the evaluation's parser
+        assert [o.shape for o in spec.objects] == [o.shape for o in scene.objects], text
+        for obj, named in zip(scene.objects, spec.objects, strict=True):
             x0, y0, x1, y1 = obj.bbox
             assert 0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE
-            cx, cy = obj.centre
-            # the object's own colour is drawn at its bbox centre
-            assert np.abs(img[cy, cx] - COLOURS[obj.colour]).max() <= 3, (text, obj)
-            assert f"{obj.colour} {obj.shape}" in text
+            # the object's colour, and its pattern's colour, are drawn inside its bbox
+            assert _near(img, COLOURS[obj.colour], obj.bbox) >= 4, (text, obj)
+            if obj.look.pattern != "plain":
+                assert _near(img, PATTERN_COLOURS[obj.look.pattern_colour], obj.bbox) >= 1, (text, obj)
+            # a caption names only what is drawn; it may leave attributes out
+            assert named.colour in (None, obj.colour) and named.pattern in (None, obj.look.pattern), text
+            assert named.pattern_colour in (None, obj.look.pattern_colour), text
+            assert named.colour == (obj.colour if obj.named["colour"] else None), text
+        assert spec.setting in (None, scene.setting) and "border" not in text and "spot" not in text
         if n_objects == 2:
             a, b = scene.objects
             assert scene.relation in text
@@ -46,20 +71,21 @@ def test_caption_and_image_agree(n_objects):
                 assert a.bbox[3] <= b.bbox[1]
 
 
-def test_outline_style_leaves_the_inside_empty():
-    rng = np.random.default_rng(5)
-    checked = 0
-    while checked < 20:
-        scene = sample_scene(rng, n_objects=1)
-        obj = scene.objects[0]
-        if obj.shape not in ("square", "circle") or obj.side < 12:
-            continue
-        scene.style = "outline"
-        img = np.asarray(render(scene)).astype(int)
-        cx, cy = obj.centre
-        assert np.abs(img[cy, cx] - COLOURS[obj.colour]).max() > 20
-        assert "in outline style" in caption(scene)
-        checked += 1
+def test_personal_looks_are_held_out_but_made_of_seen_parts():
+    """Base training never shows a personal concept's combination, but shows each of its parts elsewhere."""
+    rng = np.random.default_rng(0)
+    looks = [o.look for _ in range(4000) for o in sample_scene(rng).objects]
+    keys = {lk.key() for lk in looks}
+    assert keys.isdisjoint(HELD_OUT)
+    for name, p in PERSONAL.items():
+        assert any(lk.shape == p.shape and lk.pattern == p.pattern for lk in looks), name
+        assert any(lk.colour == p.colour and lk.pattern == p.pattern for lk in looks), name
+        assert any(lk.pattern == p.pattern and lk.pattern_colour == p.pattern_colour for lk in looks), name
+        assert any(lk.shape == p.shape and lk.colour == p.colour and lk.detail == p.detail for lk in looks), name
+    # captions describe partly: colour and pattern are sometimes left out, details never named
+    caps = [caption(sample_scene(rng, n_objects=1)) for _ in range(300)]
+    assert any(all(c not in cap for c in COLOURS) for cap in caps)
+    assert any(" with " in cap for cap in caps) and not all(" with " in cap for cap in caps)
 
 
 def test_corpus_folders(tmp_path: Path):
@@ -72,15 +98,17 @@ def test_corpus_folders(tmp_path: Path):
 
 
 def test_tokenizer_keeps_world_words_whole(tmp_path: Path):
-    from customdiff.toy.tokenizer import RARE_WORDS, make_tokenizer
-    from customdiff.toy.world import vocabulary
+    from customdiff.toy.tokenizer import make_tokenizer
+    from customdiff.toy.world import RARE_WORDS
 
     tok = make_tokenizer(tmp_path)  # raises if a word splits
     assert len(tok) > 2
     captions = [caption(sample_scene(np.random.default_rng(i))) for i in range(50)]
     ids = tok(captions).input_ids
     assert all(len(seq) == len(c.split()) + 2 for seq, c in zip(ids, captions, strict=True))
-    assert set(RARE_WORDS).isdisjoint(vocabulary())
+    # the rare initializer words occur in some captions (as web alt-text noise), so their rows are trained
+    _, many, _ = sample_dataset(2000, seed=1)
+    assert all(any(c.endswith(" " + w) for c in many) for w in RARE_WORDS)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +127,7 @@ def test_shipped_pipeline_loads_and_generates(toy_pipe):
     assert pipe.scheduler.config.steps_offset == 1 and not pipe.scheduler.config.clip_sample
     for word in ("ktn", "pll", "ucd", "sks"):
         assert len(pipe.tokenizer(word, add_special_tokens=False).input_ids) == 1
-    out = pipe("photo of a red circle on grass", num_inference_steps=3, guidance_scale=3.0,
+    out = pipe("photo of a red circle with white dots on grass", num_inference_steps=3, guidance_scale=3.0,
                generator=torch.Generator("cpu").manual_seed(0), output_type="np").images
     assert out.shape == (1, SIZE, SIZE, 3) and np.isfinite(out).all()
 
@@ -138,11 +166,11 @@ def test_concepts_dataset_points_to_files():
     assert len(entries) >= 6
     for e in entries:
         assert e["instance_prompt"] == f"<new1> {e['class_prompt']}" and e["class_prompt"] in SHAPES
-        assert 4 <= len(list((root / e["instance_data_dir"]).glob("*.png"))) <= 8
+        assert 4 <= len(list((root / e["instance_data_dir"]).glob("*.png"))) <= 20
         cls = list((root / e["class_data_dir"]).glob("*.png"))
         assert len(cls) >= 100 and all(p.with_suffix(".txt").exists() for p in cls)
         prompts = (root / e["prompt_filename"]).read_text().splitlines()
-        assert 15 <= len(prompts) <= 20 and all("{}" in p for p in prompts)
+        assert 12 <= len(prompts) <= 20 and all("{}" in p for p in prompts)
     multi = json.loads((root / "dataset_multiconcept.json").read_text())
     assert len(multi) >= 3
     for first, second, info in multi:

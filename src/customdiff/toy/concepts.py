@@ -37,7 +37,7 @@ class Concept:
 
     def render(self, rng: np.random.Generator, size: int = SIZE) -> Image.Image:
         """A new 'photo' of the instance: random placement, scale and background."""
-        side = int(rng.integers(size * 15 // 32, size * 26 // 32 + 1))
+        side = int(rng.integers(size * 17 // 32, size * 26 // 32 + 1))
         x0, y0 = (int(v) for v in rng.integers(1, size - side, 2))
         scene = Scene([Obj(self.look, (x0, y0, x0 + side, y0 + side))],
                       setting=str(rng.choice(list(SETTINGS))), seed=int(rng.integers(2**31)))

@@ -39,6 +39,7 @@ PATTERNS: dict[str, str] = {
 }
 DETAILS = ("none", "border", "spot")  # never named in captions: the identity of a personal concept
 DETAIL_COLOUR = (20, 20, 20)
+BORDER_MIN_SIDE = 16  # a border on a smaller object would hide its colour
 # "" is the plain studio background; the others get a phrase in the caption.
 SETTINGS: dict[str, str] = {
     "plain": "",
@@ -351,7 +352,7 @@ def paint_pattern(patch: Image.Image, pattern: str, colour: tuple[int, int, int]
         d.ellipse((0.2 * s, 0.27 * s, 0.8 * s, 0.87 * s), fill=colour)
         d.ellipse((0.36 * s, 0.43 * s, 0.64 * s, 0.71 * s), fill=base)
     elif pattern == "band":  # one wide horizontal band through the middle
-        d.rectangle((0, 0.42 * s, s, 0.68 * s), fill=colour)
+        d.rectangle((0, 0.44 * s, s, 0.66 * s), fill=colour)
     elif pattern == "half":  # the lower half in the second colour
         d.rectangle((0, 0.55 * s, s, s), fill=colour)
     elif pattern != "plain":
@@ -368,7 +369,7 @@ def paint_object(canvas: Image.Image, obj: Obj, scale: int) -> None:
     patch = Image.new("RGB", (s, s), base)
     if look.pattern != "plain":
         paint_pattern(patch, look.pattern, PATTERN_COLOURS[look.pattern_colour], base)
-    if look.detail == "border":  # a thin dark outline, one output pixel wide
+    if look.detail == "border" and obj.side >= BORDER_MIN_SIDE:  # a thin dark outline, one output pixel wide
         arr = np.asarray(patch).copy()
         arr[_border(mask, scale)] = DETAIL_COLOUR
         patch = Image.fromarray(arr)
