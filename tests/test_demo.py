@@ -1,33 +1,65 @@
-"""A reduced demo on the shipped toy world writes its report."""
+"""A reduced demo and a tiny bench on the toy world write their reports with probe-exact measures."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from customdiff.cli import main
 from customdiff.toy import paths
 
 pytestmark = pytest.mark.skipif(not (Path(paths()["base"]) / "model_index.json").is_file(),
                                 reason="toy assets not built")
+PROBE_KEYS = ("concept_fidelity", "context_fidelity", "class_leakage")
 
 
 def test_quick_demo_writes_report(tmp_path, capsys):
+    from customdiff.delta import load_delta
+
     out = tmp_path / "demo"
     assert main(["-q", "demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out.strip()
     assert printed == str(out / "report.html")
     page = (out / "report.html").read_text()
-    assert "&lt;new1&gt;" in page and page.count("<img") >= 6 + 2 * 2 * 2
+    assert "&lt;new1&gt;" in page and "concept fidelity" in page
     metrics = json.loads((out / "metrics.json").read_text())
     for k in ("before", "after"):
         assert -1 <= metrics[k]["text_alignment"] <= 1 and -1 <= metrics[k]["image_alignment"] <= 1
-    assert (out / "concept.safetensors").is_file()
-    assert len(list((out / "after").glob("*.png"))) == 4
+        for key in PROBE_KEYS:
+            assert 0 <= metrics[k][key] <= 1
+    # every generated image carries the probe's verdict in the page
+    after = sorted((out / "after").glob("0*.png"))
+    assert len(after) == 4
+    assert page.count("| concept ✓") + page.count("| concept ✗") == 2 * len(after)  # one verdict per image
+    delta = load_delta(out / "concept.safetensors")
+    assert any(float(w.abs().max()) > 0 for w in delta.weights.values())
+    # the delta changes what the model draws: after differs from before
+    diff = [np.abs(np.asarray(Image.open(a), float) - np.asarray(Image.open(out / "before" / a.name), float)).mean()
+            for a in after]
+    assert min(diff) > 1.0
 
 
 def test_demo_unknown_concept(tmp_path, capsys):
     assert main(["demo", "--concept", "unicorn", "--out", str(tmp_path / "d")]) == 2
     assert "not a toy concept" in capsys.readouterr().err
+
+
+def test_tiny_bench_end_to_end(tmp_path):
+    from customdiff.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(concepts=["checker_square"], pairs=1, seeds=[0, 1], methods=["custom_diffusion"], steps=2,
+                      n=1, prompts=2, n_class=4, sample_steps=2)
+    out = run_bench(cfg, tmp_path / "bench", progress=False)
+    summary = json.loads((out / "results.json").read_text())
+    methods = [m["method"] for m in summary["means"]]
+    assert methods == ["custom_diffusion", "joint", "merge", "merge_pad", "two_deltas"]
+    assert len(summary["rows"]) == 2 * 5 and {r["seed"] for r in summary["rows"]} == {0, 1}
+    cd = summary["means"][0]
+    assert cd["seeds"] == 2 and cd["concept_fidelity_std"] is not None and 0 <= cd["class_leakage"] <= 1
+    assert summary["means"][1]["pair_fidelity"] is not None
+    assert "± " in (out / "results.md").read_text() and (out / "report.html").is_file()
+    assert not (tmp_path / "bench.partial").exists()

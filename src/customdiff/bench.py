@@ -2,9 +2,11 @@
 
 Single concepts: Custom Diffusion (K/V + token, with real regularization images and augmentation), its
 ablations without regularization and without augmentation, DreamBooth-style (whole UNet + token) and
-Textual Inversion (token only). Concept pairs: joint training, the closed-form merge of separately trained
-deltas (as the reference, and with `pad_weight=1`), and simply loading the two deltas at once. Each is evaluated with the toy CLIP (text alignment,
-image alignment) and KID x1000 of class-prompt samples against real class images.
+Textual Inversion (token only), each with its calibrated recipe (customdiff.toy.recipes). Concept pairs: joint
+training, the closed-form merge of separately trained deltas (as the reference, and with `pad_weight=1`), and
+simply loading the two deltas at once. Every run is evaluated by `customdiff.evaluate` with the toy world's
+probe (concept/pair fidelity, context fidelity, class leakage) and the toy CLIP (text and image alignment, KID),
+for every seed; the tables give the mean and the spread over seeds.
 """
 
 from __future__ import annotations
@@ -15,172 +17,159 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Method:
-    """A single-concept training recipe."""
-
-    name: str
-    train: str = "crossattn_kv"
-    reg: bool = True
-    augment: bool = True
-    lr_factor: float = 1.0  # times the Custom Diffusion learning rate
-
-
-METHODS = (
-    Method("custom_diffusion"),
-    Method("cd_no_reg", reg=False),
-    Method("cd_no_aug", augment=False),
-    Method("dreambooth", train="unet", lr_factor=0.3),
-    Method("textual_inversion", train="tokens", lr_factor=10.0),
-)
+METRICS = ("concept_fidelity", "pair_fidelity", "context_fidelity", "class_leakage", "text_alignment",
+           "image_alignment", "kid_x1000")
+SINGLE_METHODS = ("custom_diffusion", "cd_no_reg", "cd_no_aug", "dreambooth", "textual_inversion")
+PAIR_METHODS = ("joint", "merge", "merge_pad", "two_deltas")
 
 
 @dataclass
 class BenchConfig:
-    """Sizes of a bench run; `quick()` fits 15 minutes on 2 CPU cores."""
+    """Sizes of a bench run; `quick()` fits about 10 minutes on 2 CPU cores."""
 
-    concepts: list[str] = field(default_factory=lambda: [])  # empty = all toy concepts
+    concepts: list[str] = field(default_factory=list)  # empty = all toy concepts
     pairs: int = 3
-    steps: int = 250
-    batch_size: int = 8
-    learning_rate: float = 3e-5  # per image; the toy needs 3x SD's 1e-5 (measured in demo.py)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    methods: list[str] = field(default_factory=lambda: list(SINGLE_METHODS))
+    steps: int = 0  # 0 = each recipe's own
     n: int = 2  # images per prompt
     prompts: int = 0  # 0 = all prompts of each entry
-    n_class: int = 30  # class-prompt samples for KID
+    n_class: int = 24  # class-prompt samples (class leakage, KID)
     sample_steps: int = 20
     guidance: float = 5.0
-    seed: int = 0
 
     @classmethod
     def quick(cls) -> BenchConfig:
-        """One concept and one pair, fewer samples."""
-        return cls(concepts=["checker_square"], pairs=1, steps=150, n=2, prompts=6, n_class=20, sample_steps=15)
+        """One concept and one pair, one seed, fewer samples."""
+        return cls(concepts=["checker_square"], pairs=1, seeds=[0], prompts=8, n_class=16, sample_steps=15)
 
 
-def _entry_dirs(entry: Any) -> list[str]:
-    return [c.instance_dir.name for c in entry.concepts]
+def _name(entry: Any) -> str:
+    return "+".join(c.instance_dir.name for c in entry.concepts)
 
 
-def _spec(concept: Any, token: str, reg: bool) -> Any:
-    from .data import ConceptSpec
+class _Runner:
+    """Trains and evaluates one run at a time into a work folder."""
 
-    cls = concept.class_prompt
-    return ConceptSpec(str(concept.instance_dir), f"photo of a {token} {cls}", f"photo of a {cls}",
-                       reg_dir=str(concept.class_dir) if reg and concept.class_dir else None)
+    def __init__(self, cfg: BenchConfig, work: Path):
+        from .evaluate import read_dataset
+        from .features import ClipFeatures
+        from .toy import paths
+        from .toy.fidelity import Judge
 
+        self.cfg, self.work = cfg, work
+        toy = paths()
+        root = Path(toy["concepts"])
+        self.singles = read_dataset(root / "dataset.json", cfg.concepts or None)
+        self.pairs = read_dataset(root / "dataset_multiconcept.json")[:cfg.pairs]
+        self.clip, self.judge = ClipFeatures(toy["clip"]), Judge.toy()
+        self.rows: list[dict[str, Any]] = []
 
-def _train(cfg: BenchConfig, specs: list, out: Path, method: Method, steps: int) -> dict[str, Any]:
-    from .config import TrainConfig
-    from .delta import load_delta
-    from .train import train
+    def train(self, recipe_name: str, entry: Any, seed: int, out: Path, steps_factor: int = 1,
+              concepts: list | None = None) -> dict[str, Any]:
+        from .config import TrainConfig
+        from .delta import load_delta
+        from .toy.recipes import RECIPES, concept_spec
+        from .train import train
 
-    t0 = time.perf_counter()
-    train(TrainConfig(base="toy", out=str(out), train=method.train, steps=steps, batch_size=cfg.batch_size,
-                      learning_rate=cfg.learning_rate * method.lr_factor, augment=method.augment,
-                      num_class_images=0, seed=cfg.seed), specs, progress=False)
-    d = load_delta(out)
-    return {"train_s": time.perf_counter() - t0, "delta_mb": out.stat().st_size / 2**20,
-            "trainable": sum(v.numel() for v in d.weights.values()) + sum(v.numel() for v in d.tokens.values())}
+        r = RECIPES[recipe_name]
+        concepts = concepts if concepts is not None else list(enumerate(entry.concepts))
+        specs = [concept_spec(c, f"<new{i + 1}>", r.reg) for i, c in concepts]
+        t0 = time.perf_counter()
+        train(TrainConfig(base="toy", out=str(out), train=r.train, steps=(self.cfg.steps or r.steps) * steps_factor,
+                          learning_rate=r.learning_rate, augment=r.augment, num_class_images=0, seed=seed),
+              specs, progress=False)
+        d = load_delta(out)
+        return {"train_s": time.perf_counter() - t0, "delta_mb": out.stat().st_size / 2**20,
+                "trainable": sum(v.numel() for v in d.weights.values()) + sum(v.numel() for v in d.tokens.values())}
 
+    def evaluate(self, entry: Any, deltas: list[Path], seed: int, images_out: Path) -> dict[str, Any]:
+        from .base import load_pipeline
+        from .delta import apply_deltas, load_delta
+        from .evaluate import evaluate
 
-def _evaluate(cfg: BenchConfig, entry: Any, deltas: list[Path], clip: Any, images_out: Path) -> dict[str, Any]:
-    from .base import load_pipeline
-    from .delta import apply_deltas, load_delta
-    from .evaluate import evaluate
+        cfg = self.cfg
+        pipe = load_pipeline("toy")
+        apply_deltas(pipe, [load_delta(p) for p in deltas], [str(p) for p in deltas])
+        if cfg.prompts:
+            entry = type(entry)(entry.name, entry.concepts, entry.prompts[:cfg.prompts], entry.index)
+        r = evaluate(pipe, [entry], self.clip, n=cfg.n, steps=cfg.sample_steps, guidance=cfg.guidance, seed=seed,
+                     n_class=cfg.n_class, class_template="photo of a {}", kid_subsets=50,
+                     kid_subset_size=cfg.n_class, images_out=images_out, judge=self.judge)
+        return {k: r["entries"][0].get(k) for k in METRICS}
 
-    pipe = load_pipeline("toy")
-    apply_deltas(pipe, [load_delta(p) for p in deltas], [str(p) for p in deltas])
-    if cfg.prompts:
-        entry = type(entry)(entry.name, entry.concepts, entry.prompts[:cfg.prompts], entry.index)
-    r = evaluate(pipe, [entry], clip, n=cfg.n, steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
-                 n_class=cfg.n_class, class_template="photo of a {}", kid_subsets=50,
-                 kid_subset_size=min(cfg.n_class, 50), images_out=images_out)
-    e = r["entries"][0]
-    return {k: e[k] for k in ("text_alignment", "clipscore", "image_alignment", "kid_x1000")}
+    def record(self, method: str, entry: Any, seed: int, stats: dict, metrics: dict) -> None:
+        self.rows.append({"method": method, "entry": _name(entry), "seed": seed, **stats, **metrics})
+        log.info("%s %s seed %d: %s", method, _name(entry), seed,
+                 {k: round(v, 4) for k, v in {**stats, **metrics}.items() if isinstance(v, float)})
 
 
 def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> Path:
-    """Train and evaluate every method; write results.json, results.md and report.html into `out`."""
+    """Train and evaluate every method for every seed; write results.json, results.md and report.html."""
     from tqdm.auto import tqdm
 
     from .base import load_pipeline
     from .delta import load_delta, save_delta
-    from .evaluate import read_dataset
-    from .features import ClipFeatures
     from .merge import merge_deltas, read_captions
-    from .toy import paths
 
     out = Path(out)
     work = out.with_name(out.name + ".partial")
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    toy = paths()
-    root = Path(toy["concepts"])
-    singles = read_dataset(root / "dataset.json")
-    if cfg.concepts:
-        singles = [e for e in singles if _entry_dirs(e)[0] in cfg.concepts]
-    pairs = read_dataset(root / "dataset_multiconcept.json")[:cfg.pairs]
-    clip = ClipFeatures(toy["clip"])
-    rows: list[dict[str, Any]] = []
-    total = len(singles) * len(METHODS) + len(pairs) * 4
+    run = _Runner(cfg, work)
+    total = len(cfg.seeds) * (len(run.singles) * len(cfg.methods) + len(run.pairs) * len(PAIR_METHODS))
     bar = tqdm(total=total, desc="bench", disable=not progress)
     t_start = time.perf_counter()
-    deltas: dict[tuple[str, str], Path] = {}  # (concept, token) -> Custom Diffusion delta, reused by pairs
-
-    def record(method: str, entry: Any, stats: dict, metrics: dict) -> None:
-        rows.append({"method": method, "entry": entry.name, "concepts": _entry_dirs(entry), **stats, **metrics})
-        log.info("%s %s: %s", method, entry.name, {k: round(v, 4) if isinstance(v, float) else v
-                                                    for k, v in {**stats, **metrics}.items()})
-        bar.update(1)
-
-    for e in singles:
-        name = _entry_dirs(e)[0]
-        for m in METHODS:
-            d = work / "deltas" / f"{name}.{m.name}.safetensors"
-            stats = _train(cfg, [_spec(e.concepts[0], "<new1>", m.reg)], d, m, cfg.steps)
-            if m.name == "custom_diffusion":
-                deltas[(name, "<new1>")] = d
-            record(m.name, e, stats, _evaluate(cfg, e, [d], clip, work / "images" / m.name / e.name))
-
-    cd = METHODS[0]
-    for e in pairs:
-        names = _entry_dirs(e)
-        parts = []
-        for i, (c, nm) in enumerate(zip(e.concepts, names, strict=True)):
-            tok = f"<new{i + 1}>"
-            if (nm, tok) not in deltas:
-                p = work / "deltas" / f"{nm}.{tok[1:-1]}.custom_diffusion.safetensors"
-                _train(cfg, [_spec(c, tok, True)], p, cd, cfg.steps)
-                deltas[(nm, tok)] = p
-            parts.append(deltas[(nm, tok)])
-        tag = "+".join(names)
-        joint = work / "deltas" / f"{tag}.joint.safetensors"
-        stats = _train(cfg, [_spec(c, f"<new{i + 1}>", True) for i, c in enumerate(e.concepts)], joint, cd,
-                       2 * cfg.steps)
-        record("joint", e, stats, _evaluate(cfg, e, [joint], clip, work / "images" / "joint" / e.name))
-        for method, pad_weight in (("merge", 0.0), ("merge_pad", 1.0)):  # the reference's merge; with padding rows
-            t0 = time.perf_counter()
-            pipe = load_pipeline("toy")
-            merged = merge_deltas([load_delta(p) for p in parts], pipe, read_captions(), [str(p) for p in parts],
-                                  pad_weight=pad_weight)
-            mpath = work / "deltas" / f"{tag}.{method}.safetensors"
-            save_delta(merged, mpath)
-            mstats = {"train_s": time.perf_counter() - t0, "delta_mb": mpath.stat().st_size / 2**20,
-                      "trainable": sum(v.numel() for v in merged.weights.values())}
-            record(method, e, mstats, _evaluate(cfg, e, [mpath], clip, work / "images" / method / e.name))
-        two = {"train_s": 0.0, "delta_mb": sum(p.stat().st_size for p in parts) / 2**20, "trainable": 0}
-        record("two_deltas", e, two, _evaluate(cfg, e, parts, clip, work / "images" / "two_deltas" / e.name))
+    for seed in cfg.seeds:
+        deltas: dict[tuple[str, str], Path] = {}  # (concept, token) -> Custom Diffusion delta, reused by pairs
+        for e in run.singles:
+            name = _name(e)
+            for m in cfg.methods:
+                d = work / "deltas" / f"s{seed}" / f"{name}.{m}.safetensors"
+                stats = run.train(m, e, seed, d)
+                if m == "custom_diffusion":
+                    deltas[(name, "<new1>")] = d
+                run.record(m, e, seed, stats, run.evaluate(e, [d], seed, work / "images" / f"s{seed}" / m / name))
+                bar.update(1)
+        for e in run.pairs:
+            tag, parts = _name(e), []
+            for i, c in enumerate(e.concepts):
+                tok = f"<new{i + 1}>"
+                if (c.instance_dir.name, tok) not in deltas:
+                    p = work / "deltas" / f"s{seed}" / f"{c.instance_dir.name}.{tok[1:-1]}.safetensors"
+                    run.train("custom_diffusion", e, seed, p, concepts=[(i, c)])
+                    deltas[(c.instance_dir.name, tok)] = p
+                parts.append(deltas[(c.instance_dir.name, tok)])
+            joint = work / "deltas" / f"s{seed}" / f"{tag}.joint.safetensors"
+            stats = run.train("custom_diffusion", e, seed, joint, steps_factor=2)
+            run.record("joint", e, seed, stats, run.evaluate(e, [joint], seed, work / "images" / f"s{seed}" / "joint" / tag))
+            bar.update(1)
+            for method, pad_weight in (("merge", 0.0), ("merge_pad", 1.0)):  # the reference's merge; with padding
+                t0 = time.perf_counter()
+                merged = merge_deltas([load_delta(p) for p in parts], load_pipeline("toy"), read_captions(),
+                                      [str(p) for p in parts], pad_weight=pad_weight)
+                mpath = work / "deltas" / f"s{seed}" / f"{tag}.{method}.safetensors"
+                save_delta(merged, mpath)
+                mstats = {"train_s": time.perf_counter() - t0, "delta_mb": mpath.stat().st_size / 2**20,
+                          "trainable": sum(v.numel() for v in merged.weights.values())}
+                run.record(method, e, seed, mstats,
+                           run.evaluate(e, [mpath], seed, work / "images" / f"s{seed}" / method / tag))
+                bar.update(1)
+            two = {"train_s": 0.0, "delta_mb": sum(p.stat().st_size for p in parts) / 2**20, "trainable": 0}
+            run.record("two_deltas", e, seed, two,
+                       run.evaluate(e, parts, seed, work / "images" / f"s{seed}" / "two_deltas" / tag))
+            bar.update(1)
     bar.close()
-    summary = {"config": cfg.__dict__, "rows": rows, "total_s": time.perf_counter() - t_start,
-               "means": _means(rows)}
+    summary = {"config": asdict(cfg), "rows": run.rows, "total_s": time.perf_counter() - t_start,
+               "means": summarize(run.rows)}
     (work / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     (work / "results.md").write_text(markdown(summary))
     (work / "report.html").write_text(_html(summary, work))
@@ -190,30 +179,48 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> Path:
     return out
 
 
-def _means(rows: list[dict]) -> list[dict]:
-    keys = ("text_alignment", "image_alignment", "kid_x1000", "train_s", "delta_mb", "trainable")
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per method: each metric averaged over entries within a seed, then mean and std over seeds."""
     out = []
     for m in dict.fromkeys(r["method"] for r in rows):
         sel = [r for r in rows if r["method"] == m]
-        mean = {k: sum(r[k] for r in sel if r[k] is not None) / max(1, sum(r[k] is not None for r in sel))
-                for k in keys}
-        out.append({"method": m, "entries": len(sel), **mean})
+        seeds = sorted({r["seed"] for r in sel})
+        res: dict[str, Any] = {"method": m, "entries": len({r["entry"] for r in sel}), "seeds": len(seeds)}
+        for k in (*METRICS, "train_s", "delta_mb", "trainable"):
+            per_seed = []
+            for s in seeds:
+                vals = [r[k] for r in sel if r["seed"] == s and r.get(k) is not None]
+                if vals:
+                    per_seed.append(float(np.mean(vals)))
+            res[k] = float(np.mean(per_seed)) if per_seed else None
+            res[f"{k}_std"] = float(np.std(per_seed)) if len(per_seed) > 1 else None
+        out.append(res)
     return out
 
 
+def _cell(m: dict, k: str, digits: int = 3) -> str:
+    if m.get(k) is None:
+        return "n/a"
+    std = m.get(f"{k}_std")
+    return f"{m[k]:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+
+
 def markdown(summary: dict) -> str:
-    """Markdown tables: per-method means, then every row."""
-    head = ("| method | entries | text alignment | image alignment | KID x1000 | trainable params | delta MB "
-            "| train s |\n|---|---:|---:|---:|---:|---:|---:|---:|")
-    lines = ["## Means per method", "", head]
+    """Markdown tables: per-method means (± std over seeds), then every run."""
+    cols = ("concept_fidelity", "pair_fidelity", "context_fidelity", "class_leakage", "text_alignment",
+            "image_alignment", "kid_x1000")
+    head = ("| method | entries | seeds | " + " | ".join(c.replace("_", " ") for c in cols)
+            + " | trainable params | delta MB | train s |\n|---|---:|---:|" + "---:|" * (len(cols) + 3))
+    lines = ["## Means per method (± std over seeds)", "", head]
     for m in summary["means"]:
-        lines.append(f"| {m['method']} | {m['entries']} | {m['text_alignment']:.4f} | {m['image_alignment']:.4f} | "
-                     f"{m['kid_x1000']:.2f} | {m['trainable']:.0f} | {m['delta_mb']:.3f} | {m['train_s']:.0f} |")
-    lines += ["", "## Every run", "", head.replace("| entries |", "| entry |")]
+        lines.append(f"| {m['method']} | {m['entries']} | {m['seeds']} | "
+                     + " | ".join(_cell(m, c, 1 if c == "kid_x1000" else 3) for c in cols)
+                     + f" | {m['trainable']:.0f} | {m['delta_mb']:.3f} | {m['train_s']:.0f} |")
+    lines += ["", "## Every run", "", "| method | entry | seed | " + " | ".join(c.replace("_", " ") for c in cols)
+              + " |", "|---|---|---:|" + "---:|" * len(cols)]
     for r in summary["rows"]:
-        kid = "n/a" if r["kid_x1000"] is None else f"{r['kid_x1000']:.2f}"
-        lines.append(f"| {r['method']} | {r['entry']} | {r['text_alignment']:.4f} | {r['image_alignment']:.4f} | "
-                     f"{kid} | {r['trainable']} | {r['delta_mb']:.3f} | {r['train_s']:.0f} |")
+        lines.append(f"| {r['method']} | {r['entry']} | {r['seed']} | "
+                     + " | ".join("n/a" if r.get(c) is None else f"{r[c]:.3f}" for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -222,11 +229,14 @@ def _html(summary: dict, work: Path) -> str:
            "table{border-collapse:collapse}img{image-rendering:pixelated;height:192px}")
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>customdiff bench</title>",
              f"<style>{css}</style></head><body><h1>customdiff bench (toy world)</h1><pre>",
-             html.escape(markdown(summary)), "</pre><h2>Sample grids</h2>"]
+             html.escape(markdown(summary)), "</pre><h2>Sample grids (first seed)</h2>"]
+    first = summary["rows"][0]["seed"] if summary["rows"] else 0
     for r in summary["rows"]:
-        grid = work / "images" / r["method"] / r["entry"] / "prompts" / r["entry"] / "grid.png"
-        rel = grid.relative_to(work) if grid.exists() else None
+        if r["seed"] != first:
+            continue
+        folder = work / "images" / f"s{r['seed']}" / r["method"] / r["entry"] / "prompts"
+        grid = next(folder.glob("*/grid.png"), None) if folder.is_dir() else None
         parts.append(f"<h3>{html.escape(r['method'])}: {html.escape(r['entry'])}</h3>")
-        parts.append(f"<img src='{html.escape(str(rel))}'>" if rel else "<p>(no grid)</p>")
+        parts.append(f"<img src='{html.escape(str(grid.relative_to(work)))}'>" if grid else "<p>(no grid)</p>")
     parts.append("</body></html>")
     return "".join(parts)

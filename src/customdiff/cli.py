@@ -112,6 +112,10 @@ def _cmd_bench(a: argparse.Namespace) -> None:
         cfg.pairs = a.pairs
     if a.steps:
         cfg.steps = a.steps
+    if a.seeds:
+        cfg.seeds = a.seeds
+    if a.methods:
+        cfg.methods = a.methods
     out = run_bench(cfg, a.out, progress=not a.quiet)
     print((out / "results.md").read_text())
     print(f"report: {out / 'report.html'}")
@@ -131,6 +135,7 @@ def _default_device() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
+    from .bench import SINGLE_METHODS
     from .sample import SCHEDULERS
 
     p = _Parser(prog="customdiff", description="Custom Diffusion: teach a text-to-image diffusion model new "
@@ -192,13 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="the paper's comparisons on the toy world (CD vs DreamBooth vs TI; joint vs "
                        "merge)", description="Train Custom Diffusion, its ablations (no regularization, no "
                        "augmentation), DreamBooth-style and Textual Inversion on the toy concepts, and joint "
-                       "training vs closed-form merge vs two deltas on concept pairs; evaluate text alignment, "
-                       "image alignment and KID with the toy CLIP; write results.md, results.json, report.html.")
-    b.add_argument("--quick", action="store_true", help="one concept and one pair, fewer samples (~15 min on 2 cores)")
+                       "training vs closed-form merge vs two deltas on concept pairs, each with its calibrated "
+                       "recipe and for several seeds; evaluate with the toy world's probe (concept/pair fidelity, "
+                       "context fidelity, class leakage) and the toy CLIP (text/image alignment, KID); write "
+                       "results.md, results.json, report.html.")
+    b.add_argument("--quick", action="store_true", help="one concept, one pair, one seed, fewer samples "
+                   "(~10 min on 2 cores)")
     b.add_argument("--out", required=True, help="output folder (replaced when the run completes)")
     b.add_argument("--concepts", nargs="+", metavar="NAME", help="toy concepts to run (default: all, or one with --quick)")
     b.add_argument("--pairs", type=int, default=None, help="number of concept pairs (default: 3, or 1 with --quick)")
-    b.add_argument("--steps", type=int, default=0, help="training steps per single concept (pairs train twice as long)")
+    b.add_argument("--steps", type=int, default=0, help="training steps per single concept (default: each "
+                   "recipe's; pairs train twice as long)")
+    b.add_argument("--seeds", type=int, nargs="+", metavar="N", help="training/sampling seeds (default: 0 1 2, "
+                   "or 0 with --quick)")
+    b.add_argument("--methods", nargs="+", choices=SINGLE_METHODS, metavar="NAME",
+                   help=f"single-concept methods (default: all of {', '.join(SINGLE_METHODS)})")
     b.set_defaults(func=_cmd_bench)
 
     y = sub.add_parser("toy", help="the embedded toy world", description="The embedded toy world.")
