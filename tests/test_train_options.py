@@ -80,7 +80,7 @@ def test_bad_concepts_file(tmp_path):
     with pytest.raises(UserError, match="lacks class_prompt, instance_data_dir"):
         read_concepts_file(f)
     f.write_text("{not json")
-    with pytest.raises(UserError, match="cannot read concepts file"):
+    with pytest.raises(UserError, match="invalid JSON at line 1"):
         read_concepts_file(f)
 
 

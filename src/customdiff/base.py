@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,61 @@ def load_pipeline(base: str, dtype: torch.dtype = torch.float32, device: str | t
     pipe.to(device)
     log.debug("loaded base %s (%s, prediction %s)", base, resolved, pipe.scheduler.config.get("prediction_type"))
     return pipe
+
+
+@dataclass
+class BaseFacts:
+    """What the checks at the door need from a base, read from its config files without loading weights."""
+
+    factor: int  # VAE downsampling: image pixels per latent pixel
+    native_resolution: int  # the UNet's sample size in pixels
+    num_train_timesteps: int
+    unet_config: dict[str, Any]
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--base {path}: unreadable config ({str(e)[:120]}); re-save the pipeline") from e
+    if not isinstance(cfg, dict):
+        raise UserError(f"--base {path}: not a config object; re-save the pipeline")
+    return cfg
+
+
+def base_facts(base: str) -> BaseFacts | None:
+    """Facts of a local pipeline folder (or `toy`) from its config files; None for a hub id."""
+    try:
+        path = Path(resolve_base(base))
+    except ImportError:
+        return None
+    if not path.exists():
+        if os.sep in base and base.count("/") != 1:
+            raise UserError(f"--base {base}: no such folder; give a pipeline folder, a hub id (owner/name) or 'toy'")
+        return None
+    _check_local_folder(path)
+    unet = _read_config(path / "unet" / "config.json")
+    vae = _read_config(path / "vae" / "config.json")
+    sched = next((p for p in (path / "scheduler").glob("scheduler_config.json")), None)
+    steps = int(_read_config(sched).get("num_train_timesteps", 1000)) if sched else 1000
+    factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    size = unet.get("sample_size", 64)
+    size = size[0] if isinstance(size, (list, tuple)) else int(size)
+    return BaseFacts(factor=factor, native_resolution=size * factor, num_train_timesteps=steps, unet_config=unet)
+
+
+def trainable_bytes(facts: BaseFacts, train: str) -> int:
+    """Bytes of a float32 delta of `train` on this UNet, counted on the meta device (no memory, no weights)."""
+    from diffusers import UNet2DConditionModel
+
+    from .surgery import trainable_names
+
+    cfg = {k: v for k, v in facts.unet_config.items() if not k.startswith("_")}
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(cfg)
+    except Exception as e:  # noqa: BLE001 - an unusual UNet: skip the estimate, loading reports real problems
+        log.debug("no size estimate for this UNet (%s)", e)
+        return 0
+    names = set(trainable_names(unet, train)) if train != "tokens" else set()
+    return 4 * sum(p.numel() for n, p in unet.named_parameters() if n in names)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import re
 import sys
 import typing
 from dataclasses import fields
@@ -16,8 +18,17 @@ from .errors import UserError
 log = logging.getLogger("customdiff")
 
 
+# argparse's own pattern (-1, -.5) misses -1e-4 and -inf, so `--learning-rate -1e-4` read the value as an
+# option; with this one every float spelling is a value, and the range checks explain what is allowed
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors in one line with exit code 2."""
+    """argparse that reports usage errors in one line with exit code 2 and reads -1e-4 as a number."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -69,24 +80,47 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
-def _load_with_deltas(base: str, delta_paths: list[str], device: str, dtype: str = "float32") -> tuple[Any, Any]:
+def _load_with_deltas(base: str, deltas: list[Any], delta_paths: list[str], device: str,
+                      dtype: str = "float32") -> tuple[Any, Any]:
     import torch
 
     from .base import load_pipeline
-    from .delta import apply_deltas, load_delta
+    from .delta import apply_deltas
 
-    deltas = [load_delta(p) for p in delta_paths]  # validate every file before the slow base load
     pipe = load_pipeline(base, dtype=getattr(torch, DTYPES[dtype]), device=device)
     return pipe, apply_deltas(pipe, deltas, delta_paths)
 
 
+def _check_sample_door(a: argparse.Namespace, prompts: list[str]) -> None:
+    """Flags, base facts and the output folder of `sample`, before any model loads."""
+    from .base import base_facts
+    from .validate import check_multiple, check_number, check_out_dir
+
+    check_number("--n", a.n, 1, 10_000)
+    check_number("--steps", a.steps, 1, 10_000)
+    check_number("--seed", a.seed, 0, 2**64 - 1)
+    check_number("--guidance", a.guidance, 0, 100)
+    check_number("--resolution", a.resolution, 8, 8192)
+    facts = base_facts(a.base)
+    if facts is not None:
+        check_multiple("--resolution", a.resolution, facts.factor, " (the VAE's factor)")
+        check_number("--steps", a.steps, 1, facts.num_train_timesteps, why=" (the scheduler's training steps)")
+    side = a.resolution or (facts.native_resolution if facts else 512)
+    per_image = side * side * 3 // 2 + 4096  # a generous PNG size (noise compresses badly)
+    check_out_dir("--out", a.out, need_bytes=2 * per_image * a.n * len(prompts))
+
+
 def _cmd_sample(a: argparse.Namespace) -> None:
     from .sample import read_prompts, sample_to_dir, set_scheduler
+    from .validate import deferred_warnings
 
-    prompts = a.prompt or read_prompts(a.prompts_file)
-    if a.n < 1 or a.steps < 1:
-        raise UserError("--n and --steps must be at least 1")
-    pipe, _ = _load_with_deltas(a.base, a.delta or [], a.device, a.dtype)
+    with deferred_warnings():
+        prompts = a.prompt or read_prompts(a.prompts_file)
+        _check_sample_door(a, prompts)
+        from .delta import load_delta
+
+        deltas = [load_delta(p) for p in a.delta or []]  # validate every file before the slow base load
+    pipe, _ = _load_with_deltas(a.base, deltas, a.delta or [], a.device, a.dtype)
     set_scheduler(pipe, a.scheduler)
     sample_to_dir(pipe, prompts, a.out, n=a.n, seed=a.seed, steps=a.steps, guidance=a.guidance,
                   resolution=a.resolution, negative_prompt=a.negative_prompt, progress=not a.quiet)
@@ -243,8 +277,26 @@ def _setup_logging(quiet: bool) -> None:
         pass
 
 
+def _fail(command: str | None, message: str, code: int) -> int:
+    """Print the error as the last line on stderr: progress bars closed, later log lines silenced."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+    except ImportError:
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    line = re.sub(r"\s*[\r\n]+\s*", " ", message.strip())  # one line, whatever the message holds
+    print(f"customdiff {command}: error: {line}" if command else f"customdiff: {line}", file=sys.stderr, flush=True)
+    logging.disable(logging.CRITICAL)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `customdiff` command."""
+    logging.disable(logging.NOTSET)  # an earlier failed call in this process silenced logging
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
     if getattr(args, "device", "x") is None:
@@ -252,11 +304,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:
-        print(f"customdiff {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args.command, str(e), 2)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            where = f" writing {e.filename}" if e.filename else ""
+            return _fail(args.command, f"the disk is full{where} ({e.strerror}); nothing partial was kept: "
+                         "free some space and run again", 1)
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            return _fail(args.command, f"{e.filename or 'a file'}: {e.strerror}; choose a path you can write", 2)
+        raise
     except KeyboardInterrupt:
-        print("customdiff: interrupted", file=sys.stderr)
-        return 130
+        return _fail(None, "interrupted", 130)
     return 0
 
 

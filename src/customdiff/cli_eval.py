@@ -35,15 +35,21 @@ def resolve_clip(clip: str | None, base: str | None) -> str:
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
-    from .evaluate import run_eval
+    from .evaluate import read_dataset, run_eval
+    from .validate import check_number, check_out_dir, deferred_warnings
 
-    for flag, v in (("--n", a.n), ("--steps", a.steps), ("--n-class", a.n_class), ("--max-real", a.max_real),
-                    ("--kid-subsets", a.kid_subsets)):
-        if v < 1:
-            raise UserError(f"{flag} must be at least 1")
-    if "{}" not in a.class_template:
-        raise UserError("--class-template must contain {} (where the class prompt goes), e.g. 'photo of a {}'")
-    clip = resolve_clip(a.clip, a.base)
+    with deferred_warnings():
+        for flag, v in (("--n", a.n), ("--steps", a.steps), ("--n-class", a.n_class), ("--max-real", a.max_real),
+                        ("--kid-subsets", a.kid_subsets)):
+            check_number(flag, v, 1, 100_000)
+        check_number("--guidance", a.guidance, 0, 100)
+        check_number("--resolution", a.resolution, 8, 8192)
+        check_number("--seed", a.seed, 0, 2**64 - 1)
+        if "{}" not in a.class_template:
+            raise UserError("--class-template must contain {} (where the class prompt goes), e.g. 'photo of a {}'")
+        read_dataset(a.dataset, a.entries)  # schema, prompt files and entry names, before any model loads
+        check_out_dir("--out", a.out)
+        clip = resolve_clip(a.clip, a.base)
     run_eval(a.base, a.dataset, a.delta or [], clip, a.out, select=a.entries, images_in=a.images,
              device=a.device, progress=not a.quiet, n=a.n, steps=a.steps, guidance=a.guidance, seed=a.seed,
              resolution=a.resolution, n_class=a.n_class, class_template=a.class_template, max_real=a.max_real,
@@ -54,11 +60,13 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 def _cmd_retrieve(a: argparse.Namespace) -> None:
     from .features import ClipFeatures
     from .retrieve import retrieve
+    from .validate import check_number, check_out_dir, deferred_warnings
 
-    if a.n < 1:
-        raise UserError("-n must be at least 1")
-    if not Path(a.corpus).is_dir():
-        raise UserError(f"--corpus {a.corpus}: no such folder")
+    with deferred_warnings():
+        check_number("-n", a.n, 1, 1_000_000)
+        if not Path(a.corpus).is_dir():
+            raise UserError(f"--corpus {a.corpus}: no such folder")
+        check_out_dir("--out", a.out)
     clip = ClipFeatures(resolve_clip(a.clip, None), device=a.device)
     retrieve(a.corpus, a.class_prompt, a.n, a.out, clip, index_path=a.index, progress=not a.quiet)
     print(a.out)

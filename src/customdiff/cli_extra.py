@@ -7,42 +7,47 @@ import logging
 from pathlib import Path
 
 from .errors import UserError
+from .validate import (
+    check_in_file,
+    check_number,
+    check_out_dir,
+    check_out_file,
+    deferred_warnings,
+    human_bytes,
+)
 
 log = logging.getLogger("customdiff")
 
 
-def _out_file(path: str) -> Path:
-    p = Path(path)
-    if p.suffix != ".safetensors":
-        raise UserError(f"-o {path}: the output delta must end in .safetensors")
-    if p.is_dir():
-        raise UserError(f"-o {path}: is a folder; give a file name")
-    return p
+def _out_file(path: str, need_bytes: int = 0) -> Path:
+    return check_out_file("-o", path, ".safetensors", need_bytes)
+
+
+def _sizes(paths: list[str]) -> int:
+    return sum(Path(p).stat().st_size for p in paths if Path(p).is_file())
 
 
 def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    return human_bytes(n)
 
 
 def _cmd_merge(a: argparse.Namespace) -> None:
-    from .base import load_pipeline
+    from .base import base_facts, load_pipeline
     from .delta import load_delta, save_delta
     from .merge import merge_deltas, read_captions
 
-    if len(a.deltas) < 2:
-        raise UserError("merge needs at least two delta files")
-    out = _out_file(a.out)
-    if a.ridge < 0:
-        raise UserError(f"--ridge {a.ridge}: must be >= 0")
-    deltas = [load_delta(p) for p in a.deltas]  # validate every input before the slow base load
-    captions = read_captions(a.reg_captions)
+    with deferred_warnings():
+        if len(a.deltas) < 2:
+            raise UserError("merge needs at least two delta files")
+        check_number("--ridge", a.ridge, 0, 1e6)
+        check_number("--pad-weight", a.pad_weight, 0, 1e6)
+        if len({str(Path(p).resolve()) for p in a.deltas}) < len(a.deltas):
+            raise UserError("the same delta file is given twice; merge distinct deltas")
+        out = _out_file(a.out, need_bytes=_sizes(a.deltas))
+        deltas = [load_delta(p) for p in a.deltas]  # validate every input before the slow base load
+        captions = read_captions(a.reg_captions)
+        base_facts(a.base)
     pipe = load_pipeline(a.base, device=a.device or "cpu")
-    if a.pad_weight < 0:
-        raise UserError(f"--pad-weight {a.pad_weight}: must be 0 or positive")
     merged = merge_deltas(deltas, pipe, captions, sources=a.deltas, ridge=a.ridge, base_name=a.base,
                           pad_weight=a.pad_weight)
     save_delta(merged, out)
@@ -53,8 +58,13 @@ def _cmd_compress(a: argparse.Namespace) -> None:
     from .compress import compress_delta
     from .delta import load_delta, save_delta
 
-    out = _out_file(a.out)
-    delta = load_delta(a.delta)
+    with deferred_warnings():
+        check_number("--energy", a.energy, 0, 1, lo_open=True, why=" (a fraction of the singular values)")
+        check_number("--rank", a.rank, 1, 100_000)
+        out = _out_file(a.out, need_bytes=_sizes([a.delta]))
+        if Path(a.delta).resolve() == out.resolve():
+            raise UserError(f"-o {a.out}: is the input delta itself; write the compressed delta to a new file")
+        delta = load_delta(a.delta)
     small = compress_delta(delta, energy=a.energy, rank=a.rank)
     save_delta(small, out)
     before, after = Path(a.delta).stat().st_size, out.stat().st_size
@@ -65,7 +75,9 @@ def _cmd_export(a: argparse.Namespace) -> None:
     from .delta import check_base, load_delta
     from .interop import export_delta
 
-    delta = load_delta(a.delta)
+    with deferred_warnings():
+        check_out_dir("-o", a.out, need_bytes=2 * _sizes([a.delta]))
+        delta = load_delta(a.delta)
     if a.base:  # optional: confirm the delta belongs to this base before handing it to other tools
         from .base import load_pipeline
 
@@ -74,13 +86,17 @@ def _cmd_export(a: argparse.Namespace) -> None:
 
 
 def _cmd_import(a: argparse.Namespace) -> None:
-    from .base import load_pipeline
+    from .base import base_facts, load_pipeline
     from .delta import save_delta
     from .interop import import_reference
 
-    out = _out_file(a.out)
-    if not Path(a.file).is_file():
-        raise UserError(f"{a.file}: no such file")
+    with deferred_warnings():
+        check_in_file("FILE", a.file, "reference delta (delta.ckpt or delta.bin)")
+        out = _out_file(a.out, need_bytes=2 * _sizes([a.file]))
+        for w in a.class_word or []:
+            if not w.strip() or len(w.split()) != 1:
+                raise UserError(f"--class-word {w!r}: give one word, such as cat")
+        base_facts(a.base)
     pipe = load_pipeline(a.base)
     save_delta(import_reference(a.file, pipe, a.base, a.class_word), out)
     print(out)

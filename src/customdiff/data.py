@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .errors import UserError
+from .images import open_image
 from .tokens import find_tokens
+from .validate import (
+    CONCEPT_SCHEMA,
+    check_dataset_entries,
+    check_object,
+    deferred_warnings,
+    read_json,
+    read_text,
+    warn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +52,9 @@ class ConceptSpec:
         return self.class_prompt.split()[-1] if self.class_prompt.split() else ""
 
 
-def load_image(path: Path) -> Image.Image:
-    """Open an image as RGB: EXIF orientation applied, transparency composited on white, errors as UserError."""
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now: a truncated file fails here, not mid-training
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, im)
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image ({e}); remove or replace the file") from e
+def load_image(path: Path, min_side: int = 0) -> Image.Image:
+    """Open an image as RGB (see images.open_image: EXIF orientation, every mode, bombs refused)."""
+    return open_image(path, min_side)
 
 
 def list_images(folder: Path, allow_captions: bool = False) -> list[Path]:
@@ -78,26 +77,47 @@ def list_images(folder: Path, allow_captions: bool = False) -> list[Path]:
 
 def read_reg_source(spec: ConceptSpec) -> list[tuple[Path, str]]:
     """Regularization (image, caption) pairs: sidecar .txt captions, the reference's images.txt +
-    caption.txt, or the class prompt for every image."""
+    caption.txt, or the class prompt for every image (with a warning saying so)."""
     assert spec.reg_dir is not None
     src = Path(spec.reg_dir)
     if src.is_file():  # reference layout: images.txt listing paths, captions aligned in caption.txt
-        paths = [Path(line.strip()) for line in src.read_text().splitlines() if line.strip()]
-        paths = [p if p.is_absolute() else (src.parent / p if (src.parent / p).exists() else p) for p in paths]
+        paths = []
+        for n, line in enumerate(read_text(src, "--reg-dir").splitlines(), 1):
+            if not line.strip():
+                continue
+            p = Path(line.strip())
+            p = p if p.is_absolute() else (src.parent / p if (src.parent / p).exists() else p)
+            if not p.is_file():
+                raise UserError(f"{src}: line {n} names {line.strip()}, which does not exist; fix the list")
+            paths.append(p)
+        if not paths:
+            raise UserError(f"{src}: lists no images; write one image path per line")
+        if not spec.reg_captions:
+            warn(f"{src}: no caption file; every regularization image is captioned {spec.class_prompt!r}")
         caps = _caption_lines(spec, len(paths))
         return list(zip(paths, caps, strict=True))
+    if not src.exists():
+        raise UserError(f"--reg-dir {src}: no such folder or images.txt file")
     images = list_images(src, allow_captions=True)
-    caps = _caption_lines(spec, len(images)) if spec.reg_captions else [
-        p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else spec.class_prompt
-        for p in images
-    ]
+    if spec.reg_captions:
+        caps = _caption_lines(spec, len(images))
+    else:
+        caps, missing = [], 0
+        for p in images:
+            cap = p.with_suffix(".txt")
+            text = read_text(cap, "caption").strip() if cap.is_file() else ""
+            missing += not text
+            caps.append(text or spec.class_prompt)
+        if missing:
+            warn(f"--reg-dir {src}: {missing} of {len(images)} images have no caption (.txt beside the image); "
+                 f"those use the class prompt {spec.class_prompt!r}")
     return list(zip(images, caps, strict=True))
 
 
 def _caption_lines(spec: ConceptSpec, n: int) -> list[str]:
     if not spec.reg_captions:
         return [spec.class_prompt] * n
-    lines = [x.strip() for x in Path(spec.reg_captions).read_text().splitlines() if x.strip()]
+    lines = [x.strip() for x in read_text(spec.reg_captions, "captions").splitlines() if x.strip()]
     if len(lines) < n:
         raise UserError(f"{spec.reg_captions}: {len(lines)} captions for {n} regularization images; "
                         "give one caption per line, aligned with the images")
@@ -106,10 +126,7 @@ def _caption_lines(spec: ConceptSpec, n: int) -> list[str]:
 
 def read_lines(path: str | Path, label: str) -> list[str]:
     """Non-empty lines of a text file, `#` comments skipped; a UserError naming `label` if none or unreadable."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{label} {path}: cannot read it ({e})") from e
+    lines = read_text(path, label).splitlines()
     out = [x.strip() for x in lines if x.strip() and not x.strip().startswith("#")]
     if not out:
         raise UserError(f"{label} {path}: empty; write one entry per line")
@@ -124,51 +141,85 @@ def _resolve(path: str, root: Path) -> str:
 
 
 def read_json_list(path: Path, label: str, what: str) -> list:
-    """A non-empty JSON list from a file, or a UserError naming `label` (the flag) and the file."""
-    try:
-        items = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{label} {path}: cannot read {what} file ({e}); give a JSON list") from e
+    """A non-empty JSON list from a UTF-8 file, or a UserError naming `label` (the flag) and the file.
+
+    Entries of a "dataset" file are checked against the CustomConcept101 schema here."""
+    items = read_json(path, label)
     if not isinstance(items, list) or not items:
-        raise UserError(f"{label} {path}: expected a non-empty JSON list in the {what} file")
+        raise UserError(f"{label} {path}: expected a non-empty JSON list [...] in the {what} file")
+    if what == "dataset":
+        check_dataset_entries(items, path, label)
     return items
 
 
 def read_concepts_file(path: str | Path) -> list[ConceptSpec]:
-    """Concepts from a JSON list in the reference's concept_list.json shape."""
+    """Concepts from a JSON list in the reference's concept_list.json shape; each concept its own tokens."""
     path = Path(path)
     entries = read_json_list(path, "--concepts", "concepts")
-    specs = []
+    specs: list[ConceptSpec] = []
+    owner: dict[str, int] = {}
     for i, e in enumerate(entries):
-        missing = [k for k in ("instance_prompt", "class_prompt", "instance_data_dir") if k not in e]
-        if missing:
-            raise UserError(f"{path}: concept {i} lacks {', '.join(missing)}")
+        where = f"--concepts {path}: concept {i}"
+        check_object(e, CONCEPT_SCHEMA, where)
+        toks = find_tokens(e["instance_prompt"])
+        if not toks:
+            raise UserError(f"{where}: instance_prompt {e['instance_prompt']!r} has no modifier token; "
+                            "write it like 'photo of a <new1> cat'")
+        for t in toks:
+            if t in owner:
+                raise UserError(f"{where}: token {t} is also used by concept {owner[t]}; give each concept its "
+                                f"own token (<new1>, <new2>, ...)")
+        owner.update(dict.fromkeys(toks, i))
         class_prompt, reg_captions = e["class_prompt"], None
         cand = Path(_resolve(class_prompt, path.parent))
         if class_prompt.endswith(".txt") and cand.is_file():  # reference: class_prompt names a caption file
             reg_captions = str(cand)
-            class_prompt = cand.read_text().splitlines()[0].strip() if cand.read_text().strip() else ""
+            first = [x.strip() for x in read_text(cand, "class_prompt").splitlines() if x.strip()]
+            if not first:
+                raise UserError(f"{where}: class_prompt file {cand} is empty; one caption per line")
+            class_prompt = first[0]
         reg = e.get("class_data_dir")
+        inst = _resolve(e["instance_data_dir"], path.parent)
+        if any(Path(s.instance_dir).resolve() == Path(inst).resolve() for s in specs):
+            warn(f"{where}: instance_data_dir {inst} is also used by another concept")
         specs.append(ConceptSpec(
-            instance_dir=_resolve(e["instance_data_dir"], path.parent), instance_prompt=e["instance_prompt"],
+            instance_dir=inst, instance_prompt=e["instance_prompt"],
             class_prompt=class_prompt, reg_dir=_resolve(reg, path.parent) if reg else None,
             reg_captions=reg_captions, initializer=e.get("initializer_token") or e.get("initializer")))
     return specs
 
 
-def validate_concepts(specs: list[ConceptSpec]) -> list[str]:
-    """Check prompts and folders up front; fill each spec's tokens; return all tokens in order."""
+def validate_concepts(specs: list[ConceptSpec], min_side: int = 0,
+                      cache: dict[Path, Image.Image] | None = None) -> list[str]:
+    """Check prompts, folders, captions and every image up front; fill each spec's tokens; return all tokens.
+
+    Each image is decoded once: into `cache` when given (TrainData reads it from there)."""
     all_tokens: list[str] = []
-    for s in specs:
+    owner: dict[str, int] = {}
+    for i, s in enumerate(specs):
         s.tokens = find_tokens(s.instance_prompt)
         if not s.tokens:
             raise UserError(f"instance prompt {s.instance_prompt!r} has no modifier token; "
                             "write it like 'photo of a <new1> cat'")
-        for p in list_images(Path(s.instance_dir)):
-            load_image(p)  # decode every photo now: a broken file fails before any work is done
+        if not s.class_prompt.strip():
+            raise UserError(f"class prompt of {s.instance_prompt!r} is empty; give one such as 'photo of a cat'")
         for t in s.tokens:
+            if t in owner and owner[t] != i:
+                raise UserError(f"token {t} is used by two concepts ({specs[owner[t]].instance_dir} and "
+                                f"{s.instance_dir}); give each concept its own token")
+            owner[t] = i
             if t not in all_tokens:
                 all_tokens.append(t)
+        for p in list_images(Path(s.instance_dir)):
+            im = load_image(p, min_side)  # decode every photo now: a broken file fails before any work
+            if cache is not None:
+                cache[p] = im
+        if s.reg_dir:
+            for p, _ in read_reg_source(s):
+                if cache is None or p not in cache:
+                    im = load_image(p)
+                    if cache is not None:
+                        cache[p] = im
     return all_tokens
 
 
@@ -231,14 +282,28 @@ class TrainData:
     resumed run sees exactly the batches an uninterrupted one would."""
 
     def __init__(self, specs: list[ConceptSpec], size: int, factor: int, augment: bool = True,
-                 flip: bool = True):
+                 flip: bool = True, cache: dict[Path, Image.Image] | None = None):
         self.size, self.factor, self.augment, self.flip = size, factor, augment, flip
         self.instances: list[tuple[Image.Image, str]] = []
         self.reg: list[tuple[Image.Image, str]] = []
+        cache = cache if cache is not None else {}
+
+        def get(p: Path) -> Image.Image:
+            if p not in cache:
+                cache[p] = load_image(p)
+            return cache[p]
+
+        seen: set[tuple[Path, str]] = set()  # a regularization source shared by concepts counts once
         for s in specs:
-            self.instances += [(load_image(p), s.instance_prompt) for p in list_images(Path(s.instance_dir))]
+            self.instances += [(get(p), s.instance_prompt) for p in list_images(Path(s.instance_dir))]
             if s.reg_dir:
-                self.reg += [(load_image(p), c) for p, c in read_reg_source(s)]
+                with deferred_warnings(discard=True):  # validate_concepts already warned about these
+                    pairs = read_reg_source(s)
+                for p, c in pairs:
+                    key = (p.resolve(), c)
+                    if key not in seen:
+                        seen.add(key)
+                        self.reg.append((get(p), c))
         log.info("training data: %d target images, %d regularization images", len(self.instances), len(self.reg))
 
     def batch(self, seed: int, step: int, rank: int, batch_size: int) -> dict:

@@ -11,8 +11,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -101,16 +100,8 @@ def check_base(delta: Delta, unet: torch.nn.Module, source: str) -> None:
 
 def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
     """Write a safetensors file under a temporary name and rename it, so no partial file is ever seen."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def save_delta(delta: Delta, path: str | Path) -> None:
@@ -127,6 +118,10 @@ def save_delta(delta: Delta, path: str | Path) -> None:
         "config": json.dumps(delta.config, default=str),
     }
     meta.update(delta.extra)
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UserError(f"{path}: not written: {bad[0]} holds NaN or infinite values (a diverged or broken "
+                        "computation); check the inputs")
     atomic_save(tensors, meta, Path(path))
 
 
@@ -141,6 +136,23 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, or a UserError naming the file."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from e
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse NaN or infinite values in any floating-point tensor, naming the file and the tensor."""
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UserError(f"{source}: tensor {k} holds {bad} NaN or infinite value(s); the file is damaged "
+                            "(or its training diverged): retrain or use another file")
+
+
 def load_delta(path: str | Path) -> Delta:
     """Read a delta file, validating its format and version."""
     path = Path(path)
@@ -153,17 +165,59 @@ def load_delta(path: str | Path) -> Delta:
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path}: delta format version {meta.get('format_version')} is not supported "
                         f"(this customdiff reads version {FORMAT_VERSION}); upgrade customdiff")
-    tensors = load_file(str(path))
+    tensors = read_tensors(path)
+    check_finite(tensors, path)
+    other = [k for k in tensors if not k.startswith((UNET_PREFIX, TOKEN_PREFIX))]
+    if other:
+        raise UserError(f"{path}: unexpected tensor {other[0]!r} (a delta holds only unet.* and tokens.*)")
+    if not tensors:
+        raise UserError(f"{path}: holds no tensors; nothing to apply")
     weights = {k[len(UNET_PREFIX):]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
     tokens = {k[len(TOKEN_PREFIX):]: v for k, v in tensors.items() if k.startswith(TOKEN_PREFIX)}
     known = {"format", "format_version", "storage", "trained", "base", "tokens", "config"}
     try:
-        return Delta(weights=weights, tokens=tokens, trained=meta.get("trained", ""),
-                     base=json.loads(meta.get("base", "{}")), token_info=json.loads(meta.get("tokens", "[]")),
-                     config=json.loads(meta.get("config", "{}")), storage=meta.get("storage", "full"),
-                     extra={k: v for k, v in meta.items() if k not in known})
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: corrupt delta metadata ({e})") from e
+        base, token_info, config = (json.loads(meta.get(k, d)) for k, d in
+                                    (("base", "{}"), ("tokens", "[]"), ("config", "{}")))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{path}: corrupt delta metadata ({str(e)[:120]})") from e
+    delta = Delta(weights=weights, tokens=tokens, trained=meta.get("trained", ""), base=base,
+                  token_info=token_info, config=config, storage=meta.get("storage", "full"),
+                  extra={k: v for k, v in meta.items() if k not in known})
+    _check_structure(delta, path)
+    return delta
+
+
+def _check_structure(d: Delta, path: Path) -> None:
+    """Metadata types, token rows and low-rank factor pairs as docs/FORMAT.md describes them."""
+    if d.storage not in ("full", "lowrank"):
+        raise UserError(f"{path}: storage {d.storage!r} is unknown (full or lowrank)")
+    if not isinstance(d.base, dict) or not isinstance(d.config, dict):
+        raise UserError(f"{path}: corrupt delta metadata (base and config must be JSON objects)")
+    if not isinstance(d.token_info, list) or not all(
+            isinstance(x, dict) and isinstance(x.get("token"), str) for x in d.token_info):
+        raise UserError(f"{path}: corrupt delta metadata (tokens must be a list of {{\"token\": ...}} objects)")
+    listed = [x["token"] for x in d.token_info]
+    if len(set(listed)) != len(listed) or (listed and set(listed) != set(d.tokens)):
+        raise UserError(f"{path}: token metadata {listed} does not match its token rows {list(d.tokens)}")
+    if not isinstance(d.base.get("fingerprint", {}), dict) or not all(
+            isinstance(v, (int, float)) for v in d.base.get("fingerprint", {}).get("norms", {}).values()):
+        raise UserError(f"{path}: corrupt delta metadata (base fingerprint)")
+    for tok, row in d.tokens.items():
+        if not tok or row.dim() != 1 or not row.is_floating_point():
+            raise UserError(f"{path}: token row {tok!r} must be a 1-D float tensor, got shape {tuple(row.shape)}")
+    for k, t in d.weights.items():
+        if not t.is_floating_point():
+            raise UserError(f"{path}: unet.{k} is not a floating-point tensor ({t.dtype})")
+        if k.endswith(".up") or k.endswith(".down"):
+            name = k.removesuffix(".up").removesuffix(".down")
+            up, down = d.weights.get(name + ".up"), d.weights.get(name + ".down")
+            if up is None or down is None:
+                raise UserError(f"{path}: unet.{k} has no {'down' if k.endswith('.up') else 'up'} factor")
+            if up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0]:
+                raise UserError(f"{path}: unet.{name} factors have shapes {tuple(up.shape)} and "
+                                f"{tuple(down.shape)}, which do not multiply")
+            if name in d.weights:
+                raise UserError(f"{path}: unet.{name} is stored both full and as factors")
 
 
 class AppliedDeltas:

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input or usage: the message names the problem and the fix; the CLI exits with code 2."""
+
+
+class NonFiniteError(UserError):
+    """A computation met NaN or infinite values (a damaged input, divergence or float16 overflow)."""

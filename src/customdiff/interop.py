@@ -235,6 +235,8 @@ def _tensor(value: Any, where: str, path: Path) -> Tensor:
         return _tensor(value["u"], where, path).float() @ _tensor(value["v"], where, path).float()
     if not isinstance(value, Tensor):
         raise UserError(f"{path}: {where} is a {type(value).__name__}, not a tensor; not a reference delta")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise UserError(f"{path}: {where} holds NaN or infinite values; the file is damaged, refused")
     return value
 
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .errors import UserError
+from .atomic import save_image, write_text
+from .errors import NonFiniteError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,30 @@ def read_prompts(path: str | Path) -> list[str]:
     return read_lines(path, "prompts file")
 
 
+def _finite_latents(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Step callback: stop with a clear error as soon as the latents hold NaN or inf (else: black images)."""
+    if not bool(torch.isfinite(kwargs["latents"]).all()):
+        raise NonFiniteError(f"sampling produced NaN or infinite latents at step {step + 1}; a delta or the base "
+                             "holds extreme values, or float16 overflowed (try --dtype float32)")
+    return kwargs
+
+
 @torch.no_grad()
 def generate(pipe: Any, prompt: str, n: int = 1, seed: int = 0, steps: int = 50, guidance: float = 7.5,
              resolution: int | None = None, negative_prompt: str | None = None) -> list[Image.Image]:
-    """`n` images of one prompt, exactly as `pipe(prompt, ..., generator=Generator("cpu").manual_seed(seed))`."""
+    """`n` images of one prompt, exactly as `pipe(prompt, ..., generator=Generator("cpu").manual_seed(seed))`.
+
+    Latents and decoded pixels are checked for NaN/inf (a NonFiniteError instead of black images)."""
     kw: dict[str, Any] = {}
     if resolution:
         kw.update(height=resolution, width=resolution)
-    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=n,
-                negative_prompt=negative_prompt, generator=torch.Generator("cpu").manual_seed(seed), **kw).images
+    # output_type="np" then numpy_to_pil is exactly what diffusers does for "pil", with a look in between
+    arrays = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=n,
+                  negative_prompt=negative_prompt, generator=torch.Generator("cpu").manual_seed(seed),
+                  output_type="np", callback_on_step_end=_finite_latents, **kw).images
+    if not np.isfinite(arrays).all():
+        raise NonFiniteError("the VAE decoded NaN or infinite pixels; float16 overflow? try --dtype float32")
+    return pipe.numpy_to_pil(arrays)
 
 
 def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
@@ -73,18 +89,24 @@ def sample_to_dir(pipe: Any, prompts: Sequence[str], out: str | Path, n: int = 1
                   progress: bool = True) -> list[Path]:
     """Write `{index:04d}.png` for every prompt x n, `grid.png` and `prompts.json`; each prompt uses `seed`."""
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     paths, images, index = [], [], []
-    for prompt in tqdm(prompts, desc="sample", disable=not progress):
-        for im in generate(pipe, prompt, n, seed, steps, guidance, resolution, negative_prompt):
-            p = out / f"{len(paths):04d}.png"
-            tmp = p.with_name("." + p.name + ".tmp")
-            im.save(tmp, format="PNG")
-            os.replace(tmp, p)
-            paths.append(p)
-            images.append(im)
-            index.append({"file": p.name, "prompt": prompt, "seed": seed})
-    make_grid(images, cols=n if len(prompts) > 1 else None).save(out / "grid.png")
-    (out / "prompts.json").write_text(json.dumps(index, indent=1))
+    try:
+        for prompt in tqdm(prompts, desc="sample", disable=not progress):
+            for im in generate(pipe, prompt, n, seed, steps, guidance, resolution, negative_prompt):
+                p = out / f"{len(paths):04d}.png"
+                save_image(im, p)
+                paths.append(p)
+                images.append(im)
+                index.append({"file": p.name, "prompt": prompt, "seed": seed})
+        save_image(make_grid(images, cols=n if len(prompts) > 1 else None), out / "grid.png")
+        write_text(out / "prompts.json", json.dumps(index, indent=1))
+    except BaseException:  # no partial output: remove what this run wrote (interrupts included)
+        for p in paths:
+            p.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
     log.info("wrote %d images to %s", len(paths), out)
     return paths

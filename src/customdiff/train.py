@@ -11,18 +11,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .base import load_pipeline
+from .base import base_facts, load_pipeline, trainable_bytes
 from .classimages import default_cache_dir, ensure_class_images
 from .config import TrainConfig
 from .data import ConceptSpec, TrainData, validate_concepts
-from .delta import Delta, atomic_save, base_fingerprint, save_delta
+from .delta import Delta, atomic_save, base_fingerprint, check_finite, read_metadata, read_tensors, save_delta
 from .errors import UserError
 from .model import CustomDiffusion
 from .surgery import TRAIN_CHOICES, detach_start_token, freeze_except, trainable_names
 from .tokens import TokenRows, add_tokens, default_initializers
+from .validate import (
+    check_free_space,
+    check_multiple,
+    check_number,
+    check_out_file,
+    check_seed,
+    deferred_warnings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +40,48 @@ def checkpoint_dir(out: str | Path) -> Path:
     return out.with_name(out.name + ".ckpt")
 
 
-def _check_config(cfg: TrainConfig, specs: list[ConceptSpec]) -> list[str]:
-    if not cfg.out or not cfg.out.endswith(".safetensors"):
-        raise UserError(f"--out {cfg.out!r}: give an output file ending in .safetensors")
-    if cfg.train not in TRAIN_CHOICES:
-        raise UserError(f"--train {cfg.train!r} is unknown; choose one of {', '.join(TRAIN_CHOICES)}")
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.gradient_accumulation < 1:
-        raise UserError("--steps, --batch-size and --gradient-accumulation must be at least 1")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise UserError(f"--mixed-precision {cfg.mixed_precision!r}: choose no, fp16 or bf16")
-    tokens = validate_concepts(specs)
-    if cfg.initializer and len(cfg.initializer) != len(tokens):
-        raise UserError(f"--initializer gives {len(cfg.initializer)} words for {len(tokens)} tokens {tokens}")
+def check_numbers(cfg: TrainConfig) -> None:
+    """Every numeric training flag in its range (before anything loads)."""
+    check_number("--steps", cfg.steps, 1)
+    check_number("--batch-size", cfg.batch_size, 1)
+    check_number("--gradient-accumulation", cfg.gradient_accumulation, 1)
+    check_number("--resolution", cfg.resolution, 0, 8192, why=" (0 = the base's native size)")
+    check_seed("--seed", cfg.seed)
+    check_number("--learning-rate", cfg.learning_rate, 0, 1.0, lo_open=True)
+    check_number("--weight-decay", cfg.weight_decay, 0, 1.0)
+    check_number("--max-grad-norm", cfg.max_grad_norm, 0, lo_open=True)
+    check_number("--num-class-images", cfg.num_class_images, 0, 100_000)
+    check_number("--checkpoint-every", cfg.checkpoint_every, 0)
+    check_number("--class-image-steps", cfg.class_image_steps, 1, 1000)
+
+
+def _check_config(cfg: TrainConfig, specs: list[ConceptSpec],
+                  cache: dict[Path, Any] | None = None) -> list[str]:
+    """Everything checkable before the base loads: flags, output path and space, concepts and their images."""
+    with deferred_warnings():
+        if cfg.train not in TRAIN_CHOICES:
+            raise UserError(f"--train {cfg.train!r} is unknown; choose one of {', '.join(TRAIN_CHOICES)}")
+        if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UserError(f"--mixed-precision {cfg.mixed_precision!r}: choose no, fp16 or bf16")
+        check_numbers(cfg)
+        if not cfg.out:
+            raise UserError("--out: give an output file ending in .safetensors")
+        facts = base_facts(cfg.base)
+        if facts is not None:
+            check_multiple("--resolution", cfg.resolution, facts.factor, " (the VAE's factor)")
+        out = check_out_file("--out", cfg.out, ".safetensors")
+        ckpt = checkpoint_dir(out)
+        if ckpt.exists() and not ckpt.is_dir():
+            raise UserError(f"--out {cfg.out}: {ckpt} (its checkpoint folder) is a file; remove or rename it")
+        if facts is not None:
+            size = trainable_bytes(facts, cfg.train)
+            # the delta, plus params and two AdamW moments in a checkpoint when checkpointing
+            check_free_space("--out", out, size * (4 if cfg.checkpoint_every else 1))
+        if cfg.resume and (ckpt / "latest.safetensors").is_file():
+            check_checkpoint(ckpt, cfg)
+        tokens = validate_concepts(specs, cfg.resolution or (facts.native_resolution if facts else 0), cache)
+        if cfg.initializer and len(cfg.initializer) != len(tokens):
+            raise UserError(f"--initializer gives {len(cfg.initializer)} words for {len(tokens)} tokens {tokens}")
     return tokens
 
 
@@ -61,28 +98,40 @@ def _save_checkpoint(path: Path, step: int, cfg: TrainConfig, params: dict[str, 
     log.info("checkpoint at step %d in %s", step, path)
 
 
-def _load_checkpoint(path: Path, cfg: TrainConfig, params: dict[str, torch.nn.Parameter],
-                     optimizer: torch.optim.Optimizer) -> int:
-    from safetensors import safe_open
-
+def check_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Read a resumable checkpoint: readable, finite, made with the same settings; its tensors."""
     file = path / "latest.safetensors"
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata()
-    saved = json.loads(meta["config"])
+    meta = read_metadata(file)
+    try:
+        saved, step = json.loads(meta["config"]), int(meta["step"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"{file}: not a customdiff checkpoint (bad metadata: {e}); delete {path} to start over") from e
+    if not isinstance(saved, dict) or step < 0:
+        raise UserError(f"{file}: not a customdiff checkpoint; delete {path} to start over")
     differ = [k for k, v in cfg.to_dict().items() if k not in ("resume", "checkpoint_every", "logdir", "steps")
               and saved.get(k) != v and not (isinstance(v, list) and saved.get(k) == list(v))]
     if differ:
         raise UserError(f"{file}: the checkpoint was made with other settings ({', '.join(differ)}); "
                         "resume with the same flags or start a new --out")
-    tensors = load_file(str(file))
+    tensors = read_tensors(file)
+    check_finite(tensors, file)
+    return tensors
+
+
+def _load_checkpoint(path: Path, cfg: TrainConfig, params: dict[str, torch.nn.Parameter],
+                     optimizer: torch.optim.Optimizer) -> int:
+    file = path / "latest.safetensors"
+    tensors = check_checkpoint(path, cfg)
     with torch.no_grad():
         for name, p in params.items():
+            if f"param.{name}" not in tensors or tensors[f"param.{name}"].shape != p.shape:
+                raise UserError(f"{file}: does not match this model ({name}); delete {path} to start over")
             p.copy_(tensors[f"param.{name}"].to(p))
             state = {k.rsplit(".", 1)[1]: v.to(p.device) for k, v in tensors.items()
                      if k.startswith(f"opt.{name}.") and k.count(".") == name.count(".") + 2}
             if state:
                 optimizer.state[p] = state
-    return int(meta["step"])
+    return int(read_metadata(file)["step"])
 
 
 def _reg_sources(cfg: TrainConfig, specs: list[ConceptSpec], pipe: Any, is_main: bool, accelerator: Any,
@@ -107,7 +156,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     """
     from accelerate import Accelerator
 
-    tokens = _check_config(cfg, specs)
+    images: dict[Path, Any] = {}
+    tokens = _check_config(cfg, specs, images)
     out = Path(cfg.out)
     ckpt = checkpoint_dir(out)
     # without a GPU, accelerate only forms a multi-process (gloo) group when told it runs on the CPU
@@ -124,7 +174,7 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     if size % factor:
         raise UserError(f"--resolution {size} must be a multiple of the VAE's factor {factor}")
     _reg_sources(cfg, specs, pipe, is_main, accelerator, progress)
-    data = TrainData(specs, size, factor, augment=cfg.augment, flip=cfg.flip)
+    data = TrainData(specs, size, factor, augment=cfg.augment, flip=cfg.flip, cache=images)
 
     # new tokens, each initialised from a rare word (or the user's initializer)
     inits = list(cfg.initializer) if cfg.initializer else [
@@ -184,7 +234,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         if not math.isfinite(loss.item()):
-            raise RuntimeError(f"loss became {loss.item()} at step {step}; lower --learning-rate")
+            raise UserError(f"training diverged: the loss became {loss.item()} at step {step + 1}; lower "
+                            f"--learning-rate (now {cfg.learning_rate:g}) or use --mixed-precision no")
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if cfg.logdir:
