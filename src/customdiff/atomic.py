@@ -9,12 +9,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .validate import warn
+
+
+def make_dirs(folder: str | Path) -> bool:
+    """Create `folder` (and its parents) if missing, with a one-line warning naming it; True if created."""
+    folder = Path(folder)
+    if folder.is_dir():
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    warn(f"created the output folder {folder}")
+    return True
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write; it replaces `path` only when the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

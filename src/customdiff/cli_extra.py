@@ -88,7 +88,7 @@ def _cmd_export(a: argparse.Namespace) -> None:
 def _cmd_import(a: argparse.Namespace) -> None:
     from .base import base_facts, load_pipeline
     from .delta import save_delta
-    from .interop import import_reference
+    from .interop import import_reference, read_reference
 
     with deferred_warnings():
         check_in_file("FILE", a.file, "reference delta (delta.ckpt or delta.bin)")
@@ -97,8 +97,9 @@ def _cmd_import(a: argparse.Namespace) -> None:
             if not w.strip() or len(w.split()) != 1:
                 raise UserError(f"--class-word {w!r}: give one word, such as cat")
         base_facts(a.base)
+        loaded = read_reference(a.file)
     pipe = load_pipeline(a.base)
-    save_delta(import_reference(a.file, pipe, a.base, a.class_word), out)
+    save_delta(import_reference(a.file, pipe, a.base, a.class_word, loaded), out)
     print(out)
 
 

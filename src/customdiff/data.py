@@ -25,7 +25,7 @@ from .validate import (
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_EXTS = {".txt"}
 FAR_PREFIXES = ("a far away ", "very small ")
 NEAR_PREFIXES = ("zoomed in ", "close up ")
@@ -69,7 +69,7 @@ def list_images(folder: Path, allow_captions: bool = False) -> list[Path]:
         if ext in IMAGE_EXTS:
             images.append(p)
         elif not (allow_captions and ext in CAPTION_EXTS):
-            raise UserError(f"{p}: not an image (expected jpg, png, webp); remove it from {folder}")
+            raise UserError(f"{p}: not an image (expected jpg, png, webp, bmp, gif, tiff); remove it from {folder}")
     if not images:
         raise UserError(f"{folder}: contains no images (jpg, png, webp); add 4-20 photos of the concept")
     return images

@@ -21,8 +21,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .atomic import make_dirs
 from .delta import Delta, base_fingerprint
 from .errors import UserError
+from .validate import warn
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,9 @@ def kohya_lora_state(delta: Delta) -> dict[str, Tensor]:
 
 def _write_dir(files: Mapping[str, tuple[dict[str, Tensor], dict[str, str]]], manifest: dict, out: Path) -> None:
     # Build everything in a sibling temporary folder, then move it in: no half-written export on failure.
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        warn(f"created the output folder {out}")
+    make_dirs(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
     try:
         for fname, (tensors, meta) in files.items():
@@ -271,12 +275,28 @@ def _parse(obj: Any, path: Path) -> tuple[dict[str, Any], dict[str, Tensor] | Te
                     "not a reference Custom Diffusion delta")
 
 
-@torch.no_grad()
-def import_reference(path: str | Path, pipe: Any, base_name: str,
-                     class_words: Sequence[str] | None = None) -> Delta:
-    """Read a reference-repo delta (`delta.ckpt` or `delta.bin`) as changes against `pipe`'s base."""
+def read_reference(path: str | Path) -> tuple[dict[str, Any], Any, str]:
+    """Load and check a reference-repo delta without a base: (UNet entries, tokens, format); every tensor
+    finite. Run at the door, before the base loads."""
     path = Path(path)
     unet_entries, embed, fmt = _parse(_safe_load(path), path)
+    for key, value in unet_entries.items():
+        _tensor(value, str(key), path)
+    if isinstance(embed, Mapping):
+        for tok, row in embed.items():
+            _tensor(row, f"modifier_token {tok}", path)
+    elif embed is not None:
+        _tensor(embed, "embed", path)
+    return unet_entries, embed, fmt
+
+
+@torch.no_grad()
+def import_reference(path: str | Path, pipe: Any, base_name: str,
+                     class_words: Sequence[str] | None = None,
+                     loaded: tuple[dict[str, Any], Any, str] | None = None) -> Delta:
+    """Read a reference-repo delta (`delta.ckpt` or `delta.bin`) as changes against `pipe`'s base."""
+    path = Path(path)
+    unet_entries, embed, fmt = loaded if loaded is not None else read_reference(path)
     params = dict(pipe.unet.named_parameters())
     weights: dict[str, Tensor] = {}
     skipped = []

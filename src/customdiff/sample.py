@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .atomic import save_image, write_text
+from .atomic import make_dirs, save_image, write_text
 from .errors import NonFiniteError, UserError
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,7 @@ def sample_to_dir(pipe: Any, prompts: Sequence[str], out: str | Path, n: int = 1
                   progress: bool = True) -> list[Path]:
     """Write `{index:04d}.png` for every prompt x n, `grid.png` and `prompts.json`; each prompt uses `seed`."""
     out = Path(out)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    created = make_dirs(out)
     paths, images, index = [], [], []
     try:
         for prompt in tqdm(prompts, desc="sample", disable=not progress):

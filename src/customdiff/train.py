@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import make_dirs
 from .base import base_facts, load_pipeline, trainable_bytes
 from .classimages import default_cache_dir, ensure_class_images
 from .config import TrainConfig
@@ -93,7 +94,8 @@ def _save_checkpoint(path: Path, step: int, cfg: TrainConfig, params: dict[str, 
         for k, v in optimizer.state.get(p, {}).items():
             tensors[f"opt.{name}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
     meta = {"step": str(step), "config": json.dumps(cfg.to_dict())}
-    path.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
+    path.mkdir(exist_ok=True)
     atomic_save(tensors, meta, path / "latest.safetensors")
     log.info("checkpoint at step %d in %s", step, path)
 
@@ -108,13 +110,13 @@ def check_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
         raise UserError(f"{file}: not a customdiff checkpoint (bad metadata: {e}); delete {path} to start over") from e
     if not isinstance(saved, dict) or step < 0:
         raise UserError(f"{file}: not a customdiff checkpoint; delete {path} to start over")
+    tensors = read_tensors(file)
+    check_finite(tensors, file)
     differ = [k for k, v in cfg.to_dict().items() if k not in ("resume", "checkpoint_every", "logdir", "steps")
               and saved.get(k) != v and not (isinstance(v, list) and saved.get(k) == list(v))]
     if differ:
         raise UserError(f"{file}: the checkpoint was made with other settings ({', '.join(differ)}); "
                         "resume with the same flags or start a new --out")
-    tensors = read_tensors(file)
-    check_finite(tensors, file)
     return tensors
 
 

@@ -128,8 +128,7 @@ def check_out_file(flag: str, path: str | Path, suffix: str | None = None, need_
         raise UserError(f"{flag} {path}: is a folder; give a file name such as {p / ('out' + (suffix or ''))}")
     if p.exists() and not os.access(p, os.W_OK):
         raise UserError(f"{flag} {path}: exists and is read-only; choose another output path")
-    if _check_parent_chain(flag, p):
-        warn(f"{flag} {path}: the folder {p.parent} does not exist; it will be created")
+    _check_parent_chain(flag, p)  # a missing folder is created (with a warning) when the file is written
     check_free_space(flag, p, need_bytes)
     return p
 
@@ -145,8 +144,7 @@ def check_out_dir(flag: str, path: str | Path, need_bytes: int = 0) -> Path:
         if not os.access(p, os.W_OK | os.X_OK):
             raise UserError(f"{flag} {path}: cannot write in this folder (permission denied)")
     else:
-        _check_parent_chain(flag, p)
-        warn(f"{flag} {path}: the folder does not exist; it will be created")
+        _check_parent_chain(flag, p)  # created (with a warning) when the first file is written
     check_free_space(flag, p, need_bytes)
     return p
 

@@ -1,0 +1,413 @@
+"""A corpus of bad and unusual inputs: each is refused with exit 2 and one line on stderr before any work
+(no traceback, no partial output), or accepted with the one warning docs/INPUTS.md documents."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from customdiff.cli import main
+
+PROMPT = "photo of a <new1> cat"
+
+
+@dataclass
+class Env:
+    """What a case needs: the tiny base, concept folders, a valid delta and a scratch folder."""
+
+    base: str
+    concept: str
+    reg: str
+    delta: Path
+    tmp: Path
+
+
+def _train(env: Env, *extra: str, concept: str | None = None, out: str | None = None,
+           reg: str | None = "default") -> list[str]:
+    args = ["train", "--base", env.base, "--concept", concept or env.concept, "--instance-prompt", PROMPT,
+            "--class-prompt", "photo of a cat", "--steps", "1", "--batch-size", "2",
+            "--out", out or str(env.tmp / "d.safetensors")]
+    if reg:
+        args += ["--reg-dir", env.reg if reg == "default" else reg]
+    return args + list(extra)
+
+
+def _sample(env: Env, *extra: str, out: str | None = None, delta: Path | None = None) -> list[str]:
+    args = ["sample", "--base", env.base, "--prompt", PROMPT, "--n", "1", "--steps", "2",
+            "--out", out or str(env.tmp / "s")]
+    if delta is not None:
+        args += ["--delta", str(delta)]
+    return args + list(extra)
+
+
+def _copy_concept(env: Env, name: str = "c") -> Path:
+    d = env.tmp / name
+    d.mkdir()
+    for p in sorted(Path(env.concept).iterdir()):
+        (d / p.name).write_bytes(p.read_bytes())
+    return d
+
+
+def _with_file(env: Env, fname: str, data: bytes) -> str:
+    d = _copy_concept(env)
+    (d / fname).write_bytes(data)
+    return str(d)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb's signature)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def _concepts_file(env: Env, content: str | bytes | list) -> str:
+    f = env.tmp / "concepts.json"
+    if isinstance(content, list):
+        content = json.dumps(content)
+    f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(f)
+
+
+def _concept_entry(env: Env, **kw: object) -> dict:
+    return {"instance_prompt": PROMPT, "class_prompt": "photo of a cat", "instance_data_dir": env.concept,
+            "class_data_dir": env.reg, **kw}
+
+
+def _train_concepts(env: Env, content: str | bytes | list) -> list[str]:
+    return ["train", "--base", env.base, "--concepts", _concepts_file(env, content), "--steps", "1",
+            "--batch-size", "2", "--out", str(env.tmp / "out" / "d.safetensors")]
+
+
+def _delta_variant(env: Env, change: Callable[[dict, dict], None], name: str = "bad.safetensors") -> Path:
+    from safetensors import safe_open
+
+    with safe_open(str(env.delta), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+    change(tensors, meta)
+    out = env.tmp / name
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+def _nan_weight(t: dict, m: dict) -> None:
+    k = next(k for k in t if k.startswith("unet."))
+    t[k] = t[k].clone()
+    t[k][0, 0] = float("nan")
+
+
+def _inf_token(t: dict, m: dict) -> None:
+    t["tokens.<new1>"] = t["tokens.<new1>"].clone()
+    t["tokens.<new1>"][3] = float("inf")
+
+
+def _half_lowrank(t: dict, m: dict) -> None:
+    k = next(k for k in t if k.startswith("unet."))
+    w = t.pop(k)
+    t[k + ".up"] = w[:, :2].contiguous()
+    m["storage"] = "lowrank"
+
+
+def _reg_latin1(env: Env) -> list[str]:
+    reg = env.tmp / "reg"
+    reg.mkdir()
+    for p in sorted(Path(env.reg).glob("*.png")):
+        (reg / p.name).write_bytes(p.read_bytes())
+    (reg / sorted(reg.glob("*.png"))[0].with_suffix(".txt").name).write_bytes("photo of a caf\xe9 cat".encode("latin-1"))
+    return _train(env, reg=str(reg))
+
+
+def _reg_no_captions(env: Env) -> list[str]:
+    reg = env.tmp / "reg"
+    reg.mkdir()
+    for p in sorted(Path(env.reg).glob("*.png")):
+        (reg / p.name).write_bytes(p.read_bytes())
+    return _train(env, reg=str(reg))
+
+
+def _prompts(env: Env, data: bytes) -> list[str]:
+    f = env.tmp / "prompts.txt"
+    f.write_bytes(data)
+    return ["sample", "--base", env.base, "--prompts-file", str(f), "--n", "1", "--steps", "2",
+            "--out", str(env.tmp / "out" / "s")]
+
+
+def _file_as_parent(env: Env) -> list[str]:
+    (env.tmp / "afile").write_text("x")
+    return _train(env, out=str(env.tmp / "afile" / "d.safetensors"))
+
+
+def _out_is_folder(env: Env) -> list[str]:
+    (env.tmp / "d.safetensors").mkdir(parents=True)
+    return _train(env)
+
+
+def _sample_out_is_file(env: Env) -> list[str]:
+    (env.tmp / "s").write_text("x")
+    return _sample(env)
+
+
+def _animated(env: Env) -> str:
+    frames = [Image.new("RGB", (40, 40), c) for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200))]
+    d = _copy_concept(env)
+    frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return str(d)
+
+
+def _tiny_photo(env: Env) -> str:
+    d = _copy_concept(env)
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(d / "dot.png")
+    return str(d)
+
+
+def _checkpoint_nan(env: Env) -> list[str]:
+    out = env.tmp / "d.safetensors"
+    ck = out.with_name(out.name + ".ckpt")
+    ck.mkdir(parents=True)
+    save_file({"param.x": torch.tensor([float("nan")])}, str(ck / "latest.safetensors"),
+              metadata={"step": "1", "config": "{}"})
+    return _train(env, "--resume", out=str(out))
+
+
+def _import_nan(env: Env) -> list[str]:
+    f = env.tmp / "delta.bin"
+    torch.save({"unet": {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight":
+                         torch.full((16, 32), float("nan"))}, "modifier_token": {"<new1>": torch.zeros(32)}}, f)
+    return ["import", str(f), "--base", env.base, "-o", str(env.tmp / "out" / "i.safetensors")]
+
+
+def _dataset(env: Env, entries: list) -> list[str]:
+    f = env.tmp / "dataset.json"
+    f.write_text(json.dumps(entries))
+    return ["eval", "--base", env.base, "--dataset", str(f), "--out", str(env.tmp / "out" / "e")]
+
+
+# (id, argv builder, expected exit code, needle in the single stderr line); code 0 = accepted with a warning
+CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
+    # numbers, checked before the base loads
+    ("steps-zero", lambda e: _train(e, "--steps", "0"), 2, "--steps 0: must be at least 1"),
+    ("batch-negative", lambda e: _train(e, "--batch-size", "-1"), 2, "--batch-size -1"),
+    ("lr-negative-space", lambda e: _train(e, "--learning-rate", "-1e-4"), 2, "--learning-rate -0.0001: must be greater than 0"),
+    ("lr-negative-equals", lambda e: _train(e, "--learning-rate=-1e-4"), 2, "--learning-rate -0.0001"),
+    ("lr-nan", lambda e: _train(e, "--learning-rate", "nan"), 2, "must be a finite number"),
+    ("lr-minus-inf", lambda e: _train(e, "--learning-rate", "-inf"), 2, "must be a finite number"),
+    ("lr-not-a-number", lambda e: _train(e, "--learning-rate", "fast"), 2, "invalid float value"),
+    ("resolution-negative", lambda e: _train(e, "--resolution", "-64"), 2, "--resolution -64"),
+    ("resolution-not-multiple", lambda e: _train(e, "--resolution", "31"), 2, "must be a multiple of 2"),
+    ("seed-negative", lambda e: _train(e, "--seed", "-1"), 2, "--seed -1"),
+    ("weight-decay-negative", lambda e: _train(e, "--weight-decay", "-0.1"), 2, "--weight-decay"),
+    ("grad-norm-zero", lambda e: _train(e, "--max-grad-norm", "0"), 2, "--max-grad-norm 0.0"),
+    ("accumulation-zero", lambda e: _train(e, "--gradient-accumulation", "0"), 2, "--gradient-accumulation"),
+    ("class-images-negative", lambda e: _train(e, "--num-class-images", "-5"), 2, "--num-class-images"),
+    ("sample-n-zero", lambda e: _sample(e, "--n", "0"), 2, "--n 0"),
+    ("sample-guidance-nan", lambda e: _sample(e, "--guidance", "nan"), 2, "finite"),
+    ("sample-resolution-odd", lambda e: _sample(e, "--resolution", "33"), 2, "multiple of"),
+    ("sample-steps-beyond-schedule", lambda e: _sample(e, "--steps", "5000"), 2, "scheduler's training steps"),
+    ("merge-ridge-negative", lambda e: ["merge", str(e.delta), str(e.delta), "--base", e.base, "--ridge", "-1",
+                                        "-o", str(e.tmp / "out" / "m.safetensors")], 2, "--ridge"),
+    ("merge-same-delta-twice", lambda e: ["merge", str(e.delta), str(e.delta), "--base", e.base,
+                                          "-o", str(e.tmp / "out" / "m.safetensors")], 2, "given twice"),
+    ("compress-energy-above-one", lambda e: ["compress", str(e.delta), "--energy", "1.5",
+                                             "-o", str(e.tmp / "out" / "c.safetensors")], 2, "--energy"),
+    ("compress-rank-zero", lambda e: ["compress", str(e.delta), "--rank", "0",
+                                      "-o", str(e.tmp / "out" / "c.safetensors")], 2, "--rank 0"),
+    # output paths
+    ("out-is-folder", _out_is_folder, 2, "is a folder"),
+    ("out-under-a-file", _file_as_parent, 2, "is a file, not a folder"),
+    ("out-wrong-suffix", lambda e: _train(e, out=str(e.tmp / "d.pt")), 2, "must end in .safetensors"),
+    ("sample-out-is-file", _sample_out_is_file, 2, "exists and is a file"),
+    ("compress-onto-itself", lambda e: ["compress", str(e.delta), "--rank", "1", "-o", str(e.delta)], 2,
+     "is the input delta itself"),
+    # images
+    ("decompression-bomb", lambda e: _train(e, concept=_with_file(e, "huge.png", _png_claiming(30000, 30000))), 2,
+     "too many pixels"),
+    ("truncated-png", lambda e: _train(e, concept=_with_file(e, "cut.png", (Path(e.concept) / "img0.png").read_bytes()[:60])),
+     2, "cut.png: not a readable image"),
+    ("text-named-png", lambda e: _train(e, concept=_with_file(e, "fake.png", b"hello, not a picture")), 2,
+     "fake.png: not a readable image"),
+    ("empty-jpg", lambda e: _train(e, concept=_with_file(e, "empty.jpg", b"")), 2, "empty.jpg: not a readable image"),
+    ("non-image-file", lambda e: _train(e, concept=_with_file(e, "notes.doc", b"x")), 2, "notes.doc: not an image"),
+    ("concept-folder-missing", lambda e: _train(e, concept=str(e.tmp / "nope")), 2, "no such image folder"),
+    ("concept-folder-empty", lambda e: (e.tmp / "empty").mkdir() or _train(e, concept=str(e.tmp / "empty")), 2,
+     "contains no images"),
+    # text files
+    ("caption-latin-1", _reg_latin1, 2, "not UTF-8 text (byte 0xe9 at offset 14)"),
+    ("prompts-latin-1", lambda e: _prompts(e, "caf\xe9 <new1> cat\n".encode("latin-1")), 2, "byte 0xe9 at offset 3"),
+    ("prompts-binary", lambda e: _prompts(e, b"photo\x00\x01\x02"), 2, "NUL byte"),
+    ("prompts-empty", lambda e: _prompts(e, b"\n# only a comment\n"), 2, "empty"),
+    ("prompts-missing", lambda e: ["sample", "--base", e.base, "--prompts-file", str(e.tmp / "none.txt"),
+                                   "--out", str(e.tmp / "out" / "s")], 2, "no such file"),
+    ("reg-captions-too-few", lambda e: (e.tmp / "caps.txt").write_text("one caption\n") and _train(
+        e, "--reg-captions", str(e.tmp / "caps.txt")), 2, "1 captions for 6"),
+    # JSON files
+    ("concepts-invalid-json", lambda e: _train_concepts(e, "[{"), 2, "invalid JSON at line 1"),
+    ("concepts-not-a-list", lambda e: _train_concepts(e, "{}"), 2, "expected a non-empty JSON list"),
+    ("concepts-empty-list", lambda e: _train_concepts(e, "[]"), 2, "expected a non-empty JSON list"),
+    ("concepts-missing-key", lambda e: _train_concepts(e, [{"instance_prompt": PROMPT}]), 2,
+     "lacks class_prompt, instance_data_dir"),
+    ("concepts-wrong-type", lambda e: _train_concepts(e, [_concept_entry(e, instance_prompt=5)]), 2,
+     "instance_prompt must be a string, got a number"),
+    ("concepts-entry-not-object", lambda e: _train_concepts(e, ["photo"]), 2, "expected an object"),
+    ("concepts-duplicate-token", lambda e: _train_concepts(e, [_concept_entry(e), _concept_entry(e)]), 2,
+     "token <new1> is also used by concept 0"),
+    ("concepts-duplicate-key", lambda e: _train_concepts(
+        e, '[{"instance_prompt": "a <new1> cat", "instance_prompt": "b", "class_prompt": "c", "instance_data_dir": "d"}]'),
+     2, "duplicate key 'instance_prompt'"),
+    ("concepts-nan-literal", lambda e: _train_concepts(e, '[{"instance_prompt": NaN}]'), 2, "NaN is not valid JSON"),
+    ("concepts-latin-1", lambda e: _train_concepts(e, '[{"instance_prompt": "caf\xe9"}]'.encode("latin-1")), 2,
+     "not UTF-8"),
+    ("concepts-no-token", lambda e: _train_concepts(e, [_concept_entry(e, instance_prompt="photo of a cat")]), 2,
+     "no modifier token"),
+    ("concepts-and-concept", lambda e: _train_concepts(e, [_concept_entry(e)]) + ["--concept", e.concept], 2,
+     "not both"),
+    ("dataset-wrong-type", lambda e: _dataset(e, [{"instance_prompt": PROMPT, "class_prompt": ["cat"],
+                                                   "instance_data_dir": "x"}]), 2, "class_prompt must be a string"),
+    ("dataset-entry-number", lambda e: _dataset(e, [3]), 2, "expected an object or a list"),
+    # tensor files
+    ("delta-nan-weight", lambda e: _sample(e, delta=_delta_variant(e, _nan_weight)), 2, "NaN or infinite"),
+    ("delta-inf-token", lambda e: _sample(e, delta=_delta_variant(e, _inf_token)), 2, "tokens.<new1> holds 1 NaN"),
+    ("delta-not-safetensors", lambda e: (e.tmp / "x.safetensors").write_bytes(os.urandom(64)) and _sample(
+        e, delta=e.tmp / "x.safetensors"), 2, "not a readable safetensors file"),
+    ("delta-foreign-safetensors", lambda e: save_file({"w": torch.zeros(2)}, str(e.tmp / "f.safetensors")) or _sample(
+        e, delta=e.tmp / "f.safetensors"), 2, "not a customdiff delta"),
+    ("delta-future-version", lambda e: _sample(e, delta=_delta_variant(
+        e, lambda t, m: m.update(format_version="2"))), 2, "version 2 is not supported"),
+    ("delta-corrupt-metadata", lambda e: _sample(e, delta=_delta_variant(
+        e, lambda t, m: m.update(tokens="[{"))), 2, "corrupt delta metadata"),
+    ("delta-lowrank-half", lambda e: _sample(e, delta=_delta_variant(e, _half_lowrank)), 2, "has no down factor"),
+    ("delta-missing", lambda e: _sample(e, delta=e.tmp / "gone.safetensors"), 2, "no such delta file"),
+    ("checkpoint-nan", _checkpoint_nan, 2, "param.x holds 1 NaN"),
+    ("import-nan", _import_nan, 2, "holds NaN or infinite values"),
+    ("import-folder", lambda e: ["import", str(e.tmp), "--base", e.base, "-o", str(e.tmp / "out" / "i.safetensors")],
+     2, "is a folder"),
+    # accepted, with one warning
+    ("tiny-photo", lambda e: _train(e, concept=_tiny_photo(e)), 0, "1x1 is smaller than the training resolution 32"),
+    ("reg-without-captions", _reg_no_captions, 0, "6 of 6 images have no caption"),
+    ("animated-gif", lambda e: _train(e, concept=_animated(e)), 0, "animated (3 frames); using the first frame"),
+    ("out-folder-created", lambda e: _train(e, out=str(e.tmp / "new" / "deeper" / "d.safetensors")), 0,
+     "created the output folder"),
+    ("sample-out-created", lambda e: _sample(e, out=str(e.tmp / "new" / "s")), 0, "created the output folder"),
+]
+
+
+@pytest.fixture(scope="module")
+def valid_delta(tiny_base, tmp_path_factory) -> Path:
+    """A small valid delta for the tiny base, built by hand (no training)."""
+    from customdiff.base import load_pipeline
+    from customdiff.delta import Delta, base_fingerprint, save_delta
+
+    unet = load_pipeline(tiny_base).unet
+    names = [n for n, _ in unet.named_parameters() if "attn2.to_k" in n or "attn2.to_v" in n]
+    params = dict(unet.named_parameters())
+    delta = Delta(weights={n: 0.01 * torch.randn_like(params[n]) for n in names},
+                  tokens={"<new1>": torch.randn(32)}, trained="crossattn_kv",
+                  base={"name": tiny_base, "fingerprint": base_fingerprint(unet, names)},
+                  token_info=[{"token": "<new1>", "initializer": "ktn", "class": "cat"}])
+    path = tmp_path_factory.mktemp("delta") / "d.safetensors"
+    save_delta(delta, path)
+    return path
+
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def test_corpus_has_at_least_40_kinds():
+    assert len({c[0] for c in CASES}) == len(CASES) >= 40
+
+
+@pytest.mark.parametrize(("case", "build", "code", "needle"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, build, code, needle, tiny_base, concept_dirs, valid_delta, tmp_path, capsys):
+    env = Env(tiny_base, concept_dirs["a"], concept_dirs["reg"], valid_delta, tmp_path)
+    argv = build(env)
+    before = _files(tmp_path)
+    try:
+        got = main(["-q", *argv])
+    except SystemExit as e:  # argparse's own usage errors
+        got = e.code
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert "Traceback" not in err
+    assert got == code, err
+    assert len(lines) == 1, err
+    assert needle in lines[0], lines[0]
+    if code == 0:
+        assert "warning" in lines[0]
+        return
+    assert "error" in lines[0]
+    assert _files(tmp_path) == before, "a refused run left files behind"
+    assert not (tmp_path / "out").exists() or not any(p for p in (tmp_path / "out").rglob("*") if p.is_file()
+                                                      and p not in before)
+
+
+def test_free_space_checked_before_work(tiny_base, concept_dirs, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    env = Env(tiny_base, concept_dirs["a"], concept_dirs["reg"], tmp_path / "none", tmp_path)
+    assert main(["-q", *_sample(env, "--n", "4")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "only 1000 B are free" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_disk_full_while_writing_is_one_line(valid_delta, tmp_path, capsys, monkeypatch):
+    import customdiff.delta as delta_mod
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(delta_mod, "save_file", full)
+    out = tmp_path / "c.safetensors"
+    assert main(["-q", "compress", str(valid_delta), "--rank", "1", "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the disk is full" in err[0] and "Traceback" not in err[0], err
+    assert list(tmp_path.iterdir()) == []  # neither the output nor the temporary file
+
+
+def test_error_is_the_last_line_even_without_quiet(tiny_base, concept_dirs, valid_delta, tmp_path, capsys):
+    env = Env(tiny_base, concept_dirs["a"], concept_dirs["reg"], valid_delta, tmp_path)
+    assert main(_sample(env, delta=_delta_variant(env, _nan_weight))) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and "NaN or infinite" in lines[-1]
+
+
+def test_sampling_guard_refuses_nan_latents(tiny_base, tmp_path):
+    from customdiff.base import load_pipeline
+    from customdiff.errors import NonFiniteError
+    from customdiff.sample import sample_to_dir
+
+    pipe = load_pipeline(tiny_base)
+    with torch.no_grad():
+        next(p for n, p in pipe.unet.named_parameters() if "conv_out.weight" in n).fill_(float("nan"))
+    out = tmp_path / "s"
+    with pytest.raises(NonFiniteError, match="NaN or infinite latents at step 1"):
+        sample_to_dir(pipe, ["a cat", "a dog"], out, n=1, steps=2, progress=False)
+    assert not out.exists()  # no black images left behind
+
+
+def test_sampling_matches_stock_pipeline(tiny_base):
+    from customdiff.base import load_pipeline
+    from customdiff.sample import generate
+
+    pipe = load_pipeline(tiny_base)
+    ours = generate(pipe, "a red cat", n=2, seed=3, steps=3, guidance=4.0)
+    stock = pipe("a red cat", num_inference_steps=3, guidance_scale=4.0, num_images_per_prompt=2,
+                 generator=torch.Generator("cpu").manual_seed(3)).images
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, stock, strict=True))
