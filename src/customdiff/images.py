@@ -53,7 +53,7 @@ def to_rgb(im: Image.Image, path: Path) -> Image.Image:
     if mode.startswith("I") or mode == "F":
         return _scaled_grey(im, path).convert("RGB")
     if mode in ALPHA_MODES or "transparency" in im.info:
-        rgba = im.convert("RGBA")
+        rgba = (im.convert("LA") if mode == "La" else im).convert("RGBA")  # PIL has no La -> RGBA
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
     try:
