@@ -26,6 +26,7 @@ from .delta import atomic_save
 from .errors import UserError
 from .evaluate import staging_dir
 from .features import ClipFeatures
+from .validate import read_text
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def retrieve(corpus: str | Path, class_prompt: str, n: int, out: str | Path, cli
                 shutil.copyfile(src, dest)
             else:
                 load_image(src).save(dest, format="PNG")
-            caption = src.with_suffix(".txt").read_text().strip()
+            caption = read_text(src.with_suffix(".txt"), "caption").strip()
             dest.with_suffix(".txt").write_text(caption + "\n")
             items.append({"file": dest.name, "source": names[i], "caption": caption, "score": s})
         (staging / MARKER).write_text(json.dumps({"corpus": str(corpus.resolve()), "class_prompt": class_prompt,
