@@ -13,8 +13,8 @@ import pytest
 import torch
 from tiny import make_images, make_reg_dir, write_tokenizer_files
 
+from customdiff.dataset import fill_prompt, read_dataset, strip_tokens
 from customdiff.errors import UserError
-from customdiff.evaluate import fill_prompt, read_dataset, strip_tokens
 from customdiff.features import ClipFeatures
 
 CLIP_WORDS = ["photo", "of", "a", "the", "cat", "dog", "red", "blue", "on", "grass", "and", "at", "night"]
@@ -251,7 +251,7 @@ def test_eval_bad_input(tiny_base, tiny_clip, concept_dirs, tmp_path, capsys, ma
 
 
 def test_class_image_layouts(tmp_path):
-    from customdiff.evaluate import class_images
+    from customdiff.dataset import class_images
 
     flat = make_reg_dir(tmp_path / "flat", 5, "photo of a cat")  # images with caption sidecars
     assert [p.name for p in class_images(flat, 3)] == ["img0.png", "img1.png", "img2.png"]

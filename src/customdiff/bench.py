@@ -55,11 +55,11 @@ def _name(entry: Any) -> str:
     return "+".join(c.instance_dir.name for c in entry.concepts)
 
 
-class _Runner:
+class Runner:
     """Trains and evaluates one run at a time into a work folder."""
 
     def __init__(self, cfg: BenchConfig, work: Path):
-        from .evaluate import read_dataset
+        from .dataset import read_dataset
         from .features import ClipFeatures
         from .toy import paths
         from .toy.fidelity import Judge
@@ -73,7 +73,8 @@ class _Runner:
         self.rows: list[dict[str, Any]] = []
 
     def train(self, recipe_name: str, entry: Any, seed: int, out: Path, steps_factor: int = 1,
-              concepts: list | None = None) -> dict[str, Any]:
+              concepts: list | None = None, learning_rate: float | None = None) -> dict[str, Any]:
+        """Train one run of a recipe (optionally at another learning rate); size and time of its delta."""
         from .config import TrainConfig
         from .delta import load_delta
         from .toy.recipes import RECIPES, concept_spec
@@ -84,13 +85,15 @@ class _Runner:
         specs = [concept_spec(c, f"<new{i + 1}>", r.reg) for i, c in concepts]
         t0 = time.perf_counter()
         train(TrainConfig(base="toy", out=str(out), train=r.train, steps=(self.cfg.steps or r.steps) * steps_factor,
-                          learning_rate=r.learning_rate, augment=r.augment, num_class_images=0, seed=seed),
+                          learning_rate=learning_rate or r.learning_rate, augment=r.augment, num_class_images=0,
+                          seed=seed),
               specs, progress=False)
         d = load_delta(out)
         return {"train_s": time.perf_counter() - t0, "delta_mb": out.stat().st_size / 2**20,
                 "trainable": sum(v.numel() for v in d.weights.values()) + sum(v.numel() for v in d.tokens.values())}
 
-    def evaluate(self, entry: Any, deltas: list[Path], seed: int, images_out: Path) -> dict[str, Any]:
+    def evaluate(self, entry: Any, deltas: list[Path], seed: int, images_out: Path | None) -> dict[str, Any]:
+        """Sample and score an entry with the deltas applied (probe and CLIP measures)."""
         from .base import load_pipeline
         from .delta import apply_deltas, load_delta
         from .evaluate import evaluate
@@ -106,6 +109,7 @@ class _Runner:
         return {k: r["entries"][0].get(k) for k in METRICS}
 
     def record(self, method: str, entry: Any, seed: int, stats: dict, metrics: dict) -> None:
+        """Keep one result row (and log it)."""
         self.rows.append({"method": method, "entry": _name(entry), "seed": seed, **stats, **metrics})
         log.info("%s %s seed %d: %s", method, _name(entry), seed,
                  {k: round(v, 4) for k, v in {**stats, **metrics}.items() if isinstance(v, float)})
@@ -124,7 +128,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> Path:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    run = _Runner(cfg, work)
+    run = Runner(cfg, work)
     total = len(cfg.seeds) * (len(run.singles) * len(cfg.methods) + len(run.pairs) * len(PAIR_METHODS))
     bar = tqdm(total=total, desc="bench", disable=not progress)
     t_start = time.perf_counter()

@@ -113,8 +113,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
     from .base import load_pipeline
     from .config import TrainConfig
     from .data import list_images, load_image
+    from .dataset import read_dataset
     from .delta import apply_deltas, load_delta
-    from .evaluate import evaluate, read_dataset
+    from .evaluate import evaluate
     from .features import ClipFeatures
     from .toy import paths
     from .toy.fidelity import Judge, leakage

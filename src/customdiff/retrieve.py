@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from .data import IMAGE_EXTS, load_image
 from .delta import atomic_save
 from .errors import UserError
-from .evaluate import staging_dir
 from .features import ClipFeatures
+from .outputs import staging_dir
 from .validate import read_text
 
 log = logging.getLogger(__name__)

@@ -109,3 +109,22 @@ def sample_to_dir(pipe: Any, prompts: Sequence[str], out: str | Path, n: int = 1
         raise
     log.info("wrote %d images to %s", len(paths), out)
     return paths
+
+
+class ChunkedSampler:
+    """Samples n images of a prompt in chunks of `batch`, updating a shared progress bar; chunk k uses seed + k,
+    so chunk 0 gives exactly the images of `customdiff sample` with the same seed."""
+
+    def __init__(self, pipe: Any, steps: int, guidance: float, seed: int, resolution: int | None, batch: int,
+                 bar: Any):
+        self.pipe, self.steps, self.guidance, self.seed = pipe, steps, guidance, seed
+        self.resolution, self.batch, self.bar = resolution, batch, bar
+
+    def __call__(self, prompt: str, n: int) -> tuple[list[Image.Image], list[int]]:
+        images, seeds = [], []
+        for k in range(math.ceil(n / self.batch)):
+            m = min(self.batch, n - k * self.batch)
+            images += generate(self.pipe, prompt, m, self.seed + k, self.steps, self.guidance, self.resolution)
+            seeds += [self.seed + k] * m
+            self.bar.update(1)
+        return images, seeds

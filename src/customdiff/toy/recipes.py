@@ -32,7 +32,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 
 
 def concept_spec(concept: Any, token: str, reg: bool = True) -> Any:
-    """A ConceptSpec for an evaluation concept (customdiff.evaluate.Concept): "photo of a <tok> square" with
+    """A ConceptSpec for an evaluation concept (customdiff.dataset.Concept): "photo of a <tok> square" with
     the toy class images (and their captions) as regularization."""
     from ..data import ConceptSpec
 
