@@ -59,7 +59,7 @@ def load_pipeline(base: str, dtype: torch.dtype = torch.float32, device: str | t
     except (OSError, ValueError) as e:
         raise UserError(f"--base {base}: cannot load a Stable Diffusion pipeline ({str(e).splitlines()[0]})") from e
     if len(pipe.tokenizer) <= 2:
-        # transformers silently builds an empty tokenizer when its files are missing (GUIDE 9)
+        # transformers 5 silently builds an empty 2-token tokenizer when its files are missing (measured)
         raise UserError(f"--base {base}: the tokenizer has no vocabulary; the folder lacks tokenizer files")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)

@@ -24,7 +24,7 @@ TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def trainable_names(unet: nn.Module, train: str) -> list[str]:
-    """Names of the UNet parameters trained under `train` (crossattn_kv or crossattn)."""
+    """Names of the UNet parameters trained under `train` (crossattn_kv, crossattn, unet; none for tokens)."""
     if train not in TRAIN_CHOICES:
         raise UserError(f"--train {train!r} is unknown; choose one of {', '.join(TRAIN_CHOICES)}")
     names = [n for n, _ in unet.named_parameters() if any(f in n for f in TRAIN_CHOICES[train])]

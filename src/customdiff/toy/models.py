@@ -50,7 +50,7 @@ def make_text_encoder(vocab_size: int, bos_id: int, eos_id: int):
 
 
 def make_scheduler():
-    """DDIM, v-prediction, with the settings that survive a save/load round trip unchanged (GUIDE 9)."""
+    """DDIM, v-prediction, with settings that survive a save/load round trip (others are rewritten on reload)."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
