@@ -123,7 +123,7 @@ def test_outputs_replaced_only_when_ours(tmp_path, tiny_clip):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(UserError, match="not an earlier"):
+    with pytest.raises(UserError, match="not from `customdiff retrieve`"):
         retrieve(corpus, PROMPT, 3, mine, clip)
     assert (mine / "notes.txt").read_text() == "keep me"
     with pytest.raises(UserError, match="only 8 captioned images"):

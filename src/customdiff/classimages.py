@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .outputs import save_image, write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -43,10 +45,8 @@ def ensure_class_images(pipe: Any, class_prompt: str, folder: Path, n: int, seed
         images = pipe([class_prompt] * len(idx), num_inference_steps=steps, guidance_scale=guidance,
                       generator=gens, callback_on_step_end=_finite_latents).images
         for i, im in zip(idx, images, strict=True):
-            tmp = folder / f".{i:05d}.png.tmp"
-            im.save(tmp, format="PNG")
-            (folder / f"{i:05d}.txt").write_text(class_prompt + "\n")
-            os.replace(tmp, folder / f"{i:05d}.png")  # the png appears last: a complete pair marks done
+            write_text(folder / f"{i:05d}.txt", class_prompt + "\n")
+            save_image(im, folder / f"{i:05d}.png")  # the png appears last: a complete pair marks done
         bar.update(len(idx))
     bar.close()
     return folder

@@ -20,8 +20,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path
 from .errors import UserError
+from .outputs import atomic_path
+from .tokens import add_token_rows
 
 log = logging.getLogger(__name__)
 
@@ -262,11 +263,7 @@ def apply_deltas(pipe: Any, deltas: Sequence[Delta], sources: Sequence[str] | No
             p = params[n]
             saved.setdefault(n, p.data)
             p.data = (p.data.float() + d.change(n).to(p.device).float()).to(p.dtype)
-    new_tokens = [(tok, row) for d in deltas for tok, row in d.tokens.items()]
+    new_tokens = {tok: row for d in deltas for tok, row in d.tokens.items()}
     if new_tokens:
-        pipe.tokenizer.add_tokens([t for t, _ in new_tokens])
-        pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
-        emb = pipe.text_encoder.get_input_embeddings()
-        for tok, row in new_tokens:
-            emb.weight.data[pipe.tokenizer.convert_tokens_to_ids(tok)] = row.to(emb.weight)
+        add_token_rows(pipe.tokenizer, pipe.text_encoder, new_tokens)
     return AppliedDeltas(pipe, saved, tokenizer, rows)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from .errors import UserError
 from .eval_report import PROBE_KEYS, write_results
 from .features import ClipFeatures
 from .metrics import image_alignment, kid, text_alignment
-from .outputs import IMAGES_DIR, check_out, publish, read_image_folder, staging_dir, write_image_folder
+from .outputs import IMAGES_DIR, METRICS_FILE, check_out, read_image_folder, staged, write_image_folder
 from .sample import ChunkedSampler
 from .tokens import find_tokens
 
@@ -193,8 +192,7 @@ def run_eval(base: str, dataset: str | Path, deltas: Sequence[str], clip_path: s
     from .base import load_pipeline
     from .delta import apply_deltas, load_delta
 
-    out = Path(out)
-    check_out(out)
+    out = check_out(out, "eval", METRICS_FILE, replaces=[IMAGES_DIR])
     entries = read_dataset(dataset, select)
     check_folders(entries)
     if images_in is not None and not Path(images_in).is_dir():
@@ -212,15 +210,10 @@ def run_eval(base: str, dataset: str | Path, deltas: Sequence[str], clip_path: s
         from .toy.fidelity import Judge
 
         judge = Judge.toy()
-    staging = staging_dir(out)
-    try:
+    with staged(out, last=METRICS_FILE) as staging:
         result = evaluate(pipe, entries, clip, images_in=images_in,
                           images_out=None if images_in is not None else staging / IMAGES_DIR, progress=progress,
                           judge=judge, **kw)
         result["settings"].update(base=base, deltas=list(deltas), dataset=str(dataset), device=str(device))
         write_results(result, staging)
-        publish(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return result

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,10 +18,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .atomic import make_dirs
 from .delta import Delta, base_fingerprint
 from .errors import UserError
-from .validate import warn
+from .outputs import staged
 
 log = logging.getLogger(__name__)
 
@@ -93,25 +89,13 @@ def kohya_lora_state(delta: Delta) -> dict[str, Tensor]:
 
 
 def _write_dir(files: Mapping[str, tuple[dict[str, Tensor], dict[str, str]]], manifest: dict, out: Path) -> None:
-    # Build everything in a sibling temporary folder, then move it in: no half-written export on failure.
-    if not out.exists():
-        warn(f"created the output folder {out}")
-    make_dirs(out.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
-    try:
+    """Stage every file beside `out` and move them in at the end: no half-written export on failure."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out}: exists and is not a folder")
+    with staged(out, last=MANIFEST) as tmp:
         for fname, (tensors, meta) in files.items():
             save_file(tensors, str(tmp / fname), metadata=meta)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if not out.exists():
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, out)
-            return
-        if not out.is_dir():
-            raise UserError(f"-o {out}: exists and is not a folder")
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_delta(delta: Delta, to: str, out: str | Path) -> Path:

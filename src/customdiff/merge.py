@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .delta import Delta, apply_deltas, base_fingerprint, check_base
+from .delta import NORM_RTOL, Delta, apply_deltas, base_fingerprint, check_base
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def _check_same_base(deltas: Sequence[Delta], sources: Sequence[str]) -> None:
     for d, src in zip(deltas[1:], sources[1:], strict=True):
         norms = d.base.get("fingerprint", {}).get("norms", {})
         for n in set(ref) & set(norms):
-            if abs(ref[n] - norms[n]) > 2e-3 * max(abs(ref[n]), 1e-12):
+            if abs(ref[n] - norms[n]) > NORM_RTOL * max(abs(ref[n]), 1e-12):
                 raise UserError(f"{src} and {sources[0]} were trained on different bases "
                                 f"({d.base.get('name', '?')} vs {deltas[0].base.get('name', '?')}: {n} differs); "
                                 "only deltas of the same base can be merged")

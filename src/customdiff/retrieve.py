@@ -25,7 +25,7 @@ from .data import IMAGE_EXTS, load_image
 from .delta import atomic_save
 from .errors import UserError
 from .features import ClipFeatures
-from .outputs import staging_dir
+from .outputs import check_out, staged
 from .validate import read_text
 
 log = logging.getLogger(__name__)
@@ -154,19 +154,7 @@ def top_k(feats: Tensor, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def _check_out(out: Path, corpus: Path) -> None:
     if out.resolve().is_relative_to(corpus.resolve()):
         raise UserError(f"--out {out}: inside the corpus {corpus}; its copies would be indexed again")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
-        raise UserError(f"--out {out}: exists and is not an earlier `customdiff retrieve` output; "
-                        "choose a new or empty folder")
-
-
-def _publish(staging: Path, out: Path) -> None:
-    if out.exists():
-        old = staging.with_name(staging.name + ".old")
-        os.replace(out, old)  # an earlier retrieval (checked by _check_out) or an empty folder
-        os.replace(staging, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, out)
+    check_out(out, "retrieve", MARKER)
 
 
 def retrieve(corpus: str | Path, class_prompt: str, n: int, out: str | Path, clip: ClipFeatures,
@@ -185,8 +173,7 @@ def retrieve(corpus: str | Path, class_prompt: str, n: int, out: str | Path, cli
     query = clip.text_features([class_prompt])[0]  # (D,)
     scores, idx = top_k(feats, query, n)
     items = []
-    staging = staging_dir(out)
-    try:
+    with staged(out, replace=True) as staging:
         for rank, (s, i) in enumerate(zip(scores.tolist(), idx.tolist(), strict=True)):
             src = corpus / names[i]
             dest = staging / f"{rank:06d}.png"
@@ -199,9 +186,5 @@ def retrieve(corpus: str | Path, class_prompt: str, n: int, out: str | Path, cli
             items.append({"file": dest.name, "source": names[i], "caption": caption, "score": s})
         (staging / MARKER).write_text(json.dumps({"corpus": str(corpus.resolve()), "class_prompt": class_prompt,
                                                   "clip": clip.path, "items": items}, indent=1) + "\n")
-        _publish(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     log.info("copied %d images (scores %.4f to %.4f) to %s", n, items[0]["score"], items[-1]["score"], out)
     return items

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -14,7 +13,6 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .atomic import make_dirs, save_image, write_text
 from .errors import NonFiniteError, UserError
 
 log = logging.getLogger(__name__)
@@ -87,23 +85,21 @@ def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.I
 def sample_to_dir(pipe: Any, prompts: Sequence[str], out: str | Path, n: int = 1, seed: int = 0, steps: int = 50,
                   guidance: float = 7.5, resolution: int | None = None, negative_prompt: str | None = None,
                   progress: bool = True) -> list[Path]:
-    """Write `{index:04d}.png` for every prompt x n, `grid.png` and `prompts.json`; each prompt uses `seed`."""
+    """Write `{index:04d}.png` for every prompt x n, `grid.png` and `prompts.json`; each prompt uses `seed`.
+
+    Nothing is written until every image is made, and a failure leaves no partial output."""
+    from .outputs import make_dirs, write_image_folder
+
     out = Path(out)
     created = make_dirs(out)
-    paths, images, index = [], [], []
     try:
+        images, index = [], []
         for prompt in tqdm(prompts, desc="sample", disable=not progress):
-            for im in generate(pipe, prompt, n, seed, steps, guidance, resolution, negative_prompt):
-                p = out / f"{len(paths):04d}.png"
-                save_image(im, p)
-                paths.append(p)
-                images.append(im)
-                index.append({"file": p.name, "prompt": prompt, "seed": seed})
-        save_image(make_grid(images, cols=n if len(prompts) > 1 else None), out / "grid.png")
-        write_text(out / "prompts.json", json.dumps(index, indent=1))
-    except BaseException:  # no partial output: remove what this run wrote (interrupts included)
-        for p in paths:
-            p.unlink(missing_ok=True)
+            ims = generate(pipe, prompt, n, seed, steps, guidance, resolution, negative_prompt)
+            images += ims
+            index += [prompt] * len(ims)
+        paths = write_image_folder(out, images, index, [seed] * len(images), cols=n if len(prompts) > 1 else None)
+    except BaseException:  # interrupts included
         if created and not any(out.iterdir()):
             out.rmdir()
         raise

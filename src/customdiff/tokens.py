@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -40,11 +40,25 @@ def default_initializers(tokenizer, n: int) -> list[str]:
     return found[:n]
 
 
+def add_token_rows(tokenizer, text_encoder, rows: Mapping[str, torch.Tensor]) -> list[int]:
+    """Add each token to the tokenizer, grow the text encoder's input embedding and set the token's row;
+    return the new ids (in the order of `rows`)."""
+    tokens = list(rows)
+    added = tokenizer.add_tokens(tokens)
+    if added != len(tokens):
+        raise UserError(f"could not add tokens {tokens} to the tokenizer")
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    emb = text_encoder.get_input_embeddings()
+    ids = [tokenizer.convert_tokens_to_ids(tok) for tok in tokens]
+    for tid, row in zip(ids, rows.values(), strict=True):
+        emb.weight.data[tid] = row.to(emb.weight)
+    return ids
+
+
 def add_tokens(tokenizer, text_encoder, tokens: Sequence[str], initializers: Sequence[str]) -> list[int]:
     """Add tokens to the tokenizer, grow the embedding, and copy each initializer word's row; return ids."""
-    ids = []
     emb = text_encoder.get_input_embeddings()
-    init_rows = []
+    init_rows = {}
     for tok, word in zip(tokens, initializers, strict=True):
         if tok in tokenizer.get_vocab():
             raise UserError(f"token {tok} already exists in the vocabulary; choose another modifier token name")
@@ -53,17 +67,8 @@ def add_tokens(tokenizer, text_encoder, tokens: Sequence[str], initializers: Seq
             raise UserError(f"initializer word {word!r} for {tok} maps to no token; choose another word")
         if len(word_ids) > 1:
             log.warning("initializer %r for %s spans %d tokens; using their mean", word, tok, len(word_ids))
-        init_rows.append(emb.weight.data[word_ids].float().mean(0))
-    added = tokenizer.add_tokens(list(tokens))
-    if added != len(tokens):
-        raise UserError(f"could not add tokens {list(tokens)} to the tokenizer")
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    emb = text_encoder.get_input_embeddings()
-    for tok, row in zip(tokens, init_rows, strict=True):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        ids.append(tid)
-        emb.weight.data[tid] = row.to(emb.weight.dtype)
-    return ids
+        init_rows[tok] = emb.weight.data[word_ids].float().mean(0)
+    return add_token_rows(tokenizer, text_encoder, init_rows)
 
 
 class TokenRows(nn.Module):

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import make_dirs
 from .base import base_facts, load_pipeline, trainable_bytes
 from .classimages import default_cache_dir, ensure_class_images
 from .config import TrainConfig
@@ -21,6 +20,7 @@ from .data import ConceptSpec, TrainData, validate_concepts
 from .delta import Delta, atomic_save, base_fingerprint, check_finite, read_metadata, read_tensors, save_delta
 from .errors import UserError
 from .model import CustomDiffusion
+from .outputs import make_dirs
 from .surgery import TRAIN_CHOICES, detach_start_token, freeze_except, trainable_names
 from .tokens import TokenRows, add_tokens, default_initializers
 from .validate import (
