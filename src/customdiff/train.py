@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,17 @@ from .validate import (
 )
 
 log = logging.getLogger(__name__)
+
+# called after every optimizer step with (steps done, loss); returning True stops the run at that step
+StepCallback = Callable[[int, float], "bool | None"]
+
+
+class TrainingStopped(Exception):
+    """A step callback asked the run to stop; a checkpoint of the last step was saved (resume continues it)."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"training stopped at step {step}; checkpoint in {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -151,10 +163,13 @@ def _reg_sources(cfg: TrainConfig, specs: list[ConceptSpec], pipe: Any, is_main:
         log.warning("training without regularization images: the class word may drift")
 
 
-def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pipe: Any = None) -> Path:
+def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pipe: Any = None,
+          callback: StepCallback | None = None) -> Path:
     """Fine-tune cross-attention (and new token rows) on the concepts; write the delta to cfg.out.
 
     `pipe` may be an already loaded base pipeline (it is modified in place: trained weights, new tokens).
+    `callback(step, loss)` runs after each step; while it runs, `pipe` samples with the weights and token rows
+    trained so far. When it returns True, a checkpoint of that step is saved and TrainingStopped is raised.
     """
     from accelerate import Accelerator
 
@@ -242,10 +257,14 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if cfg.logdir:
             accelerator.log({"loss": loss.item(), "lr": lr}, step=step)
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        stop = bool(callback(step + 1, loss.item())) if callback is not None else False
+        if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps):
             if is_main:
                 _save_checkpoint(ckpt, step + 1, cfg, params, getattr(optimizer, "optimizer", optimizer))
             accelerator.wait_for_everyone()
+        if stop:
+            bar.close()
+            raise TrainingStopped(step + 1, ckpt)
     bar.close()
     for h in hooks:
         h.remove()
