@@ -99,3 +99,45 @@ def test_train_and_sample_end_to_end_subprocess(tiny_base, concept_dirs, tmp_pat
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "0002.png", "0003.png", "grid.png",
                                                      "prompts.json"]
+
+
+def _subparsers():
+    import argparse
+
+    from customdiff.cli import build_parser
+
+    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+WRITERS = ("train", "sample", "merge", "compress", "export", "import", "retrieve", "eval", "bench", "demo")
+
+
+def test_out_is_one_flag_on_every_writing_command():
+    """-o and --out name the same option on every command that writes something."""
+    sub = _subparsers()
+    for cmd in WRITERS:
+        spellings = {tuple(a.option_strings) for a in sub[cmd]._actions if a.dest == "out"}
+        assert spellings == {("-o", "--out")}, cmd
+
+
+def test_base_and_delta_mean_the_same_everywhere():
+    from customdiff.config import BASE_HELP
+
+    sub = _subparsers()
+    for cmd in (*WRITERS, "toy"):
+        parser = sub[cmd]
+        for a in parser._actions:
+            if "--base" in a.option_strings:
+                assert a.help.startswith(BASE_HELP), cmd
+            if "--delta" in a.option_strings:  # repeatable, each occurrence one or more files
+                args = ["--base", "b", "--delta", "x", "y", "--delta", "z", "-o", "out"]
+                args += ["--prompt", "p"] if cmd == "sample" else ["--dataset", "d.json"]
+                assert parser.parse_args(args).deltas == ["x", "y", "z"], cmd
+    assert {c for c in WRITERS if any("--delta" in a.option_strings for a in sub[c]._actions)} == {"sample", "eval"}
+
+
+def test_device_left_out_means_the_default_device():
+    from customdiff.cli.flags import device
+
+    a = _subparsers()["sample"].parse_args(["--base", "b", "--prompt", "p", "-o", "s"])
+    assert a.device is None and device(None) in ("cpu", "cuda") and device("cpu") == "cpu"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Callable
@@ -58,21 +57,10 @@ def tiny_clip(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def main(monkeypatch) -> Callable[[list[str]], int]:
-    """`customdiff.cli.main` with the eval/retrieve subcommands registered (whether or not cli.py does it)."""
+def main() -> Callable[[list[str]], int]:
+    """`customdiff.cli.main`."""
     import customdiff.cli as cli
-    from customdiff.cli_eval import register
 
-    original = cli.build_parser
-
-    def build() -> argparse.ArgumentParser:
-        parser = original()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "eval" not in sub.choices:
-            register(sub)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", build)
     return cli.main
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -287,13 +286,24 @@ def test_cli_merge_and_compress(pair, tiny_base, tmp_path, capsys):
     assert e.value.code == 2
 
 
-def test_cli_help_texts():
-    from customdiff.cli import build_parser
+def test_merge_flags_checked_before_the_base_loads(pair, tiny_base, tmp_path, capsys, monkeypatch):
+    """--pad-weight, --ridge and the output are refused (exit 2, one line) without loading the base."""
+    import customdiff.base
 
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for cmd in ("merge", "compress", "export", "import"):
-        text = sub.choices[cmd].format_help()
-        assert "-o" in text and len(text) > 300, cmd
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base was loaded before the flags were checked")
+
+    monkeypatch.setattr(customdiff.base, "load_pipeline", no_load)
+    out = tmp_path / "m.safetensors"
+    for extra, needle in ((["--pad-weight", "-1"], "--pad-weight -1.0: must be at least 0"),
+                          (["--pad-weight", "inf"], "--pad-weight inf: must be a finite number"),
+                          (["--ridge", "-0.5"], "--ridge -0.5"),
+                          (["-o", str(tmp_path / "m.bin")], "must end in .safetensors")):
+        argv = ["merge", *pair["paths"], "--base", tiny_base, *extra]
+        code = main(argv if "-o" in extra else [*argv, "--out", str(out)])
+        err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+        assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not out.exists() and not (tmp_path / "m.bin").exists()
 
 
 def test_padding_weight_keeps_constraints_and_pulls_padding_rows(pair, merged, tiny_base):

@@ -94,3 +94,19 @@ def test_gradient_accumulation_scales_lr_and_trains(tiny_base, concept_dirs, tmp
     d = load_delta(out)
     assert d.config["effective_learning_rate"] == pytest.approx(1e-5 * 2 * 2)
     assert all(v.abs().sum() > 0 for v in d.weights.values())
+
+
+def test_callers_specs_are_not_changed(tiny_base, concept_dirs, tmp_path, monkeypatch):
+    """train resolves tokens and generated regularization folders into copies; the delta records the copies."""
+    import copy
+
+    from customdiff.data import ConceptSpec
+
+    monkeypatch.setenv("CUSTOMDIFF_CACHE", str(tmp_path / "cache"))
+    spec = ConceptSpec(concept_dirs["a"], "photo of a <new1> cat", "photo of a cat")
+    given = copy.deepcopy(spec)
+    out = train(TrainConfig(base=tiny_base, out=str(tmp_path / "d.safetensors"), steps=1, batch_size=2,
+                            num_class_images=2, class_image_steps=2), [spec], progress=False)
+    assert spec == given
+    recorded = load_delta(out).config["concepts"][0]
+    assert recorded["tokens"] == ["<new1>"] and Path(recorded["reg_dir"]).is_relative_to(tmp_path / "cache")

@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
+def default_device() -> str:
+    """cuda when available, else cpu (what --device means when left out)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_base(base: str) -> str:
     """Map `toy` to the shipped toy pipeline folder; return local folders and hub ids unchanged."""
     if base == "toy":

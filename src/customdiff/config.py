@@ -1,47 +1,155 @@
-"""Training configuration: one typed dataclass; the CLI's `train` flags are derived from its fields."""
+"""Configuration: typed dataclasses whose fields carry their help, choices and ranges; the CLI's `train` and
+`eval` flags are derived from them, and `validate()` checks a config whoever built it (CLI, library, UI)."""
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .errors import UserError
+from .validate import SEED_MAX, check_number
 
-def opt(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field carrying its command-line help."""
-    return field(default=default, metadata={"help": help, **kw})
+BASE_HELP = "base pipeline: a local diffusers folder, a hub id, or 'toy'"
+
+
+def opt(default: Any, help: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+        why: str = "", choices: list[str] | None = None, resume: bool = True, cli: bool = True, **kw: Any) -> Any:
+    """A dataclass field carrying its command-line help and its checks.
+
+    `lo`/`hi` (with `lo_open`, `why`): the allowed range; `choices`: the allowed values; `resume=False`: a
+    resumed training run may change it; `cli=False`: no flag; more keys (`metavar`, `required`) go to argparse.
+    """
+    meta = {"help": help, "cli": cli, "resume": resume, **kw}
+    if choices is not None:
+        meta["choices"] = choices
+    if lo is not None or hi is not None:
+        meta["range"] = (lo, hi, lo_open, why)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag_name(name: str) -> str:
+    """The command-line spelling of a field: learning_rate -> --learning-rate."""
+    return "--" + name.replace("_", "-")
+
+
+def field_type(cls: type, name: str) -> Any:
+    """A field's type without `| None`: int for `int | None`, list[str] for `list[str] | None`."""
+    kind = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if type(None) in typing.get_args(kind) and len(args) == 1:
+        return args[0]
+    return kind
+
+
+def check_fields(cfg: Any) -> None:
+    """Every field with choices or a range in bounds (a UserError naming the flag otherwise)."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise UserError(f"{flag_name(f.name)} {value!r} is unknown; choose one of {', '.join(choices)}")
+        if "range" in f.metadata:
+            lo, hi, lo_open, why = f.metadata["range"]
+            check_number(flag_name(f.name), value, lo, hi, lo_open=lo_open, why=why)
 
 
 @dataclass
 class TrainConfig:
     """Everything that determines a training run (saved in the delta's metadata)."""
 
-    base: str = opt("toy", "base pipeline: a local diffusers folder, a hub id, or 'toy'")
+    base: str = opt("toy", BASE_HELP)
     out: str = opt("", "output delta file (.safetensors)")
     train: str = opt("crossattn_kv", "what to fine-tune besides the new tokens: crossattn_kv (attn2 to_k/to_v, "
                      "Custom Diffusion), crossattn (all of attn2); baselines: unet (DreamBooth-style, whole UNet), "
                      "tokens (Textual Inversion, token embeddings only)",
                      choices=["crossattn_kv", "crossattn", "unet", "tokens"])
-    steps: int = opt(250, "optimizer steps (about 250 for one concept, 500 for two, at batch 8)")
-    batch_size: int = opt(8, "images per step and process, half targets and half regularization images")
-    resolution: int = opt(0, "training resolution in pixels; 0 = the base's native size")
-    seed: int = opt(0, "random seed for data order, augmentation, noise and timesteps")
+    steps: int = opt(250, "optimizer steps (about 250 for one concept, 500 for two, at batch 8)", lo=1,
+                     resume=False)
+    batch_size: int = opt(8, "images per step and process, half targets and half regularization images", lo=1)
+    resolution: int = opt(0, "training resolution in pixels; 0 = the base's native size", lo=0, hi=8192,
+                          why=" (0 = the base's native size)")
+    seed: int = opt(0, "random seed for data order, augmentation, noise and timesteps", lo=0, hi=SEED_MAX)
     learning_rate: float = opt(1e-5, "learning rate per image; scaled by batch x accumulation x processes "
-                                     "unless --no-scale-lr (1e-5 gives 8e-5 at batch 8, as the reference)")
+                                     "unless --no-scale-lr (1e-5 gives 8e-5 at batch 8, as the reference)",
+                               lo=0, hi=1.0, lo_open=True)
     scale_lr: bool = opt(True, "scale the learning rate by the total batch size")
-    weight_decay: float = opt(1e-2, "AdamW weight decay (reaches only trained tensors and new token rows)")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm")
-    gradient_accumulation: int = opt(1, "micro-batches per optimizer step")
+    weight_decay: float = opt(1e-2, "AdamW weight decay (reaches only trained tensors and new token rows)",
+                              lo=0, hi=1.0)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm", lo=0, lo_open=True)
+    gradient_accumulation: int = opt(1, "micro-batches per optimizer step", lo=1)
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet")
     mixed_precision: str = opt("no", "no, fp16 or bf16 (GPU; fp32 is fastest on CPU)", choices=["no", "fp16", "bf16"])
     num_class_images: int = opt(200, "regularization images to generate per concept when it has no --reg-dir "
-                                      "(0 = train without regularization)")
+                                      "(0 = train without regularization)", lo=0, hi=100_000)
     augment: bool = opt(True, "rescale/paste/crop augmentation with prompt prefixes and loss mask")
     flip: bool = opt(True, "random horizontal flips of target images")
     initializer: list[str] = opt(None, "initializer word for each new token, in order (default: rare words)")
-    checkpoint_every: int = opt(0, "save a resumable checkpoint every N steps (0 = never)")
-    resume: bool = opt(False, "continue the run writing the same --out from its latest checkpoint")
-    logdir: str = opt("", "write TensorBoard logs to this folder")
-    class_image_steps: int = opt(50, "sampling steps for generated regularization images")
+    checkpoint_every: int = opt(0, "save a resumable checkpoint every N steps (0 = never)", lo=0, resume=False)
+    resume: bool = opt(False, "continue the run writing the same --out from its latest checkpoint", resume=False)
+    logdir: str = opt("", "write TensorBoard logs to this folder", resume=False)
+    class_image_steps: int = opt(50, "sampling steps for generated regularization images", lo=1, hi=1000)
+
+    def validate(self) -> None:
+        """Choices and numeric ranges of every field (before anything loads)."""
+        check_fields(self)
+
+    def resume_changes(self, saved: dict[str, Any]) -> list[str]:
+        """Fields that differ from a checkpoint's saved config and must not change on resume."""
+        return [f.name for f in fields(self) if f.metadata.get("resume", True)
+                and not _same(saved.get(f.name), getattr(self, f.name))]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of all fields."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _same(saved: Any, value: Any) -> bool:
+    return saved == value or (isinstance(value, (list, tuple)) and saved == list(value))
+
+
+@dataclass
+class EvalConfig:
+    """Everything that determines an evaluation (saved in metrics.json's settings)."""
+
+    base: str = opt("toy", BASE_HELP)
+    dataset: str = opt("", "CustomConcept101-style dataset.json", metavar="FILE", required=True)
+    deltas: list[str] = opt([], "delta files to apply")
+    clip: str | None = opt(None, "CLIP folder in transformers format (default with --base toy: the toy CLIP)",
+                           metavar="PATH")
+    out: str = opt("", "output folder")
+    entries: list[str] | None = opt(None, "evaluate only these entries (index, or instance folder name such as "
+                                          "cat1, or full name such as 00_cat1)", metavar="NAME")
+    images: str | None = opt(None, "score images an earlier eval wrote (its --out/images) instead of sampling",
+                             metavar="DIR")
+    n: int = opt(4, "images per prompt", lo=1, hi=100_000, metavar="N")
+    n_class: int = opt(50, "class-prompt images per class for KID", lo=1, hi=100_000, metavar="N")
+    max_real: int = opt(200, "real class images used for KID", lo=1, hi=100_000, metavar="N")
+    class_template: str = opt("{}", "class-prompt template for KID sampling, e.g. 'photo of a {}' ({} = the "
+                                    "class prompt as is)", metavar="TEXT")
+    kid_subsets: int = opt(100, "random subsets averaged by KID", lo=1, hi=100_000, metavar="N")
+    kid_subset_size: int = opt(1000, "images per KID subset (capped by the smaller set)", lo=1, cli=False)
+    steps: int = opt(50, "denoising steps", lo=1, hi=100_000, metavar="N")
+    guidance: float = opt(6.0, "classifier-free guidance (the reference samples with 6)", lo=0, hi=100,
+                          metavar="G")
+    resolution: int | None = opt(None, "image size (default: the base's)", lo=8, hi=8192, metavar="N")
+    seed: int = opt(0, "seed of the CPU generator", lo=0, hi=2**64 - 1, metavar="N")
+    strip_tokens: bool = opt(False, "sample prompts without their modifier tokens (a base-model baseline)")
+    batch: int = opt(8, "images per sampling call", lo=1, cli=False)
+    device: str | None = opt(None, "cpu or cuda (default: cuda when available)")
+
+    def validate(self) -> None:
+        """Choices, numeric ranges and the class template (before anything loads)."""
+        check_fields(self)
+        if "{}" not in self.class_template:
+            raise UserError("--class-template must contain {} (where the class prompt goes), e.g. 'photo of a {}'")
+
+    def settings(self) -> dict[str, Any]:
+        """The sampling and scoring settings (what `evaluate` reads), without inputs and outputs."""
+        io = {"base", "dataset", "deltas", "clip", "out", "entries", "images", "device"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in io}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of all fields."""

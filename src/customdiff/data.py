@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ class ConceptSpec:
     reg_dir: str | None = None
     reg_captions: str | None = None  # a caption.txt aligned with reg_dir's images.txt (reference layout)
     initializer: str | None = None
-    tokens: list[str] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)  # its modifier tokens, as validate_concepts resolves them
 
     def class_word(self) -> str:
         """The class word: the word after the concept's token in its prompt (e.g. "cat")."""
@@ -190,14 +190,17 @@ def read_concepts_file(path: str | Path) -> list[ConceptSpec]:
 
 
 def validate_concepts(specs: list[ConceptSpec], min_side: int = 0,
-                      cache: dict[Path, Image.Image] | None = None) -> list[str]:
-    """Check prompts, folders, captions and every image up front; fill each spec's tokens; return all tokens.
+                      cache: dict[Path, Image.Image] | None = None) -> tuple[list[ConceptSpec], list[str]]:
+    """Check prompts, folders, captions and every image up front; return the specs with their tokens filled
+    (copies: the given specs are not changed) and all tokens in order.
 
     Each image is decoded once: into `cache` when given (TrainData reads it from there)."""
     all_tokens: list[str] = []
     owner: dict[str, int] = {}
+    resolved = []
     for i, s in enumerate(specs):
-        s.tokens = find_tokens(s.instance_prompt)
+        s = replace(s, tokens=find_tokens(s.instance_prompt))
+        resolved.append(s)
         if not s.tokens:
             raise UserError(f"instance prompt {s.instance_prompt!r} has no modifier token; "
                             "write it like 'photo of a <new1> cat'")
@@ -220,7 +223,7 @@ def validate_concepts(specs: list[ConceptSpec], min_side: int = 0,
                     im = load_image(p)
                     if cache is not None:
                         cache[p] = im
-    return all_tokens
+    return resolved, all_tokens
 
 
 def image_to_tensor(im: Image.Image) -> torch.Tensor:

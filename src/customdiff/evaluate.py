@@ -10,6 +10,7 @@ import logging
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,12 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .config import EvalConfig
 from .data import list_images, load_image
 from .dataset import EvalEntry, check_folders, class_images, read_dataset, strip_tokens
 from .errors import UserError
 from .eval_report import PROBE_KEYS, write_results
-from .features import ClipFeatures
+from .features import ClipFeatures, resolve_clip
 from .metrics import image_alignment, kid, text_alignment
 from .outputs import IMAGES_DIR, METRICS_FILE, check_out, read_image_folder, staged, write_image_folder
 from .sample import ChunkedSampler
@@ -58,12 +60,12 @@ def check_tokens(pipe: Any, entries: Sequence[EvalEntry]) -> None:
                                 "choose entries with --entries, or use --strip-tokens for a base-model baseline")
 
 
-def evaluate(pipe: Any, entries: Sequence[EvalEntry], clip: ClipFeatures, *, n: int = 4, steps: int = 50,
-             guidance: float = 6.0, seed: int = 0, resolution: int | None = None, n_class: int = 50,
-             class_template: str = "{}", max_real: int = 200, kid_subsets: int = 100, kid_subset_size: int = 1000,
-             strip: bool = False, batch: int = 8, images_out: str | Path | None = None,
-             images_in: str | Path | None = None, progress: bool = False, judge: Any = None) -> dict[str, Any]:
+def evaluate(pipe: Any, entries: Sequence[EvalEntry], clip: ClipFeatures, cfg: EvalConfig | None = None, *,
+             images_out: str | Path | None = None, images_in: str | Path | None = None, progress: bool = False,
+             judge: Any = None, **settings: Any) -> dict[str, Any]:
     """Sample (or read from `images_in`) every entry's prompts and class prompts and compute the metrics.
+
+    `cfg` holds the sampling and scoring settings (`settings` override single fields, e.g. `n=2`).
 
     `pipe` has the deltas applied already (None with `images_in`). With a `judge` (the toy world's probe,
     `customdiff.toy.fidelity.Judge`), entries whose concepts it knows also get concept/pair fidelity, context
@@ -71,21 +73,25 @@ def evaluate(pipe: Any, entries: Sequence[EvalEntry], clip: ClipFeatures, *, n: 
     "settings": {...}}; with `images_out`, images are written as images/prompts/<entry>/ and
     images/class/<class>/ (`{index:04d}.png` + prompts.json + grid.png), the layout `images_in` reads.
     """
+    if "strip" in settings:  # the keyword's earlier spelling (demo.py)
+        settings["strip_tokens"] = settings.pop("strip")
+    cfg = replace(cfg or EvalConfig(), **settings)
     if images_in is None and pipe is None:
         raise ValueError("evaluate needs a pipeline unless images_in is given")
-    if images_in is None and not strip:
+    if images_in is None and not cfg.strip_tokens:
         check_tokens(pipe, entries)
     img_in = Path(images_in) if images_in is not None else None
     img_out = Path(images_out) if images_out is not None else None
-    class_prompts = list(dict.fromkeys(class_template.replace("{}", c.class_prompt)
+    class_prompts = list(dict.fromkeys(cfg.class_template.replace("{}", c.class_prompt)
                                        for e in entries for c in e.concepts if c.class_dir is not None))
     if img_in is None:  # the bar counts sampling calls, or folders read
-        total = sum(len(e.prompts) * math.ceil(n / batch) for e in entries) + len(class_prompts) * math.ceil(
-            n_class / batch)
+        total = (sum(len(e.prompts) * math.ceil(cfg.n / cfg.batch) for e in entries)
+                 + len(class_prompts) * math.ceil(cfg.n_class / cfg.batch))
     else:
         total = len(entries) + len(class_prompts)
     bar = tqdm(total=total, desc="eval", disable=not progress)
-    gen = ChunkedSampler(pipe, steps, guidance, seed, resolution, batch, bar) if img_in is None else None
+    gen = None if img_in is not None else ChunkedSampler(pipe, cfg.steps, cfg.guidance, cfg.seed, cfg.resolution,
+                                                         cfg.batch, bar)
     target_cache: dict[Path, Tensor] = {}
     real_cache: dict[Path, Tensor] = {}
     fake_cache: dict[str, Tensor] = {}
@@ -98,7 +104,7 @@ def evaluate(pipe: Any, entries: Sequence[EvalEntry], clip: ClipFeatures, *, n: 
 
     def real_feats(folder: Path) -> Tensor:
         if folder not in real_cache:
-            real_cache[folder] = clip.image_features([load_image(p) for p in class_images(folder, max_real)])
+            real_cache[folder] = clip.image_features([load_image(p) for p in class_images(folder, cfg.max_real)])
         return real_cache[folder]
 
     def fake_feats(prompt: str) -> Tensor:
@@ -109,10 +115,9 @@ def evaluate(pipe: Any, entries: Sequence[EvalEntry], clip: ClipFeatures, *, n: 
                 bar.update(1)
             else:
                 assert gen is not None
-                images, seeds = gen(prompt, n_class)
+                images, seeds = gen(prompt, cfg.n_class)
                 if img_out is not None:
-                    write_image_folder(img_out / "class" / folder_name, images, [prompt] * len(images), seeds,
-                                  cols=math.ceil(math.sqrt(len(images))))
+                    write_image_folder(img_out / "class" / folder_name, images, [prompt] * len(images), seeds)
             fake_cache[prompt] = clip.image_features(images)
             fake_images[prompt] = images
         return fake_cache[prompt]
@@ -127,12 +132,12 @@ def evaluate(pipe: Any, entries: Sequence[EvalEntry], clip: ClipFeatures, *, n: 
                 assert gen is not None
                 images, prompts, seeds = [], [], []
                 for p in e.prompts:
-                    ims, s = gen(strip_tokens(p) if strip else p, n)
+                    ims, s = gen(strip_tokens(p) if cfg.strip_tokens else p, cfg.n)
                     images += ims
                     prompts += [p] * len(ims)
                     seeds += s
                 if img_out is not None:
-                    write_image_folder(img_out / "prompts" / e.name, images, prompts, seeds, cols=n)
+                    write_image_folder(img_out / "prompts" / e.name, images, prompts, seeds, cols=cfg.n)
             feats = clip.image_features(images)  # (N, D)
             ta = text_alignment(feats, clip.text_features([strip_tokens(p) for p in prompts]))
             ia = {c.phrase(): image_alignment(feats, target_feats(c.instance_dir)) for c in e.concepts}
@@ -140,9 +145,9 @@ def evaluate(pipe: Any, entries: Sequence[EvalEntry], clip: ClipFeatures, *, n: 
             for c in e.concepts:
                 if c.class_dir is None:
                     continue
-                cp = class_template.replace("{}", c.class_prompt)
+                cp = cfg.class_template.replace("{}", c.class_prompt)
                 real, fake = real_feats(c.class_dir), fake_feats(cp)
-                mean, std = _kid_x1000(real, fake, kid_subsets, kid_subset_size, seed)
+                mean, std = _kid_x1000(real, fake, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
                 kids[c.phrase()] = {"class_prompt": cp, "kid_x1000": mean, "kid_x1000_std": std,
                                     "n_real": real.shape[0], "n_generated": fake.shape[0]}
             results.append({
@@ -151,7 +156,7 @@ def evaluate(pipe: Any, entries: Sequence[EvalEntry], clip: ClipFeatures, *, n: 
                 "image_alignment": _mean(list(ia.values())), "image_alignment_per_concept": ia,
                 "kid_x1000": _mean([k["kid_x1000"] for k in kids.values()]),
                 "kid_x1000_std": _mean([k["kid_x1000_std"] for k in kids.values()]), "kid_per_concept": kids,
-                **_probe_metrics(judge, e, images, prompts, fake_feats, fake_images, class_template),
+                **_probe_metrics(judge, e, images, prompts, fake_feats, fake_images, cfg.class_template),
             })
             log.info("%s: text %.4f, image %.4f, KID x1000 %s", e.name, ta["cosine"], results[-1]["image_alignment"],
                      "n/a" if results[-1]["kid_x1000"] is None else f"{results[-1]['kid_x1000']:.3f}")
@@ -159,11 +164,8 @@ def evaluate(pipe: Any, entries: Sequence[EvalEntry], clip: ClipFeatures, *, n: 
         bar.close()
     probe = [k for k in PROBE_KEYS if any(r.get(k) is not None for r in results)]  # toy judge only
     keys = ("text_alignment", "clipscore", "image_alignment", "kid_x1000", *probe)
-    settings = {"n": n, "steps": steps, "guidance": guidance, "seed": seed, "resolution": resolution,
-                "n_class": n_class, "class_template": class_template, "max_real": max_real,
-                "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size, "strip_tokens": strip,
-                "clip": clip.path, "images_in": str(img_in) if img_in else None}
-    return {"entries": results, "mean": {k: _mean([r.get(k) for r in results]) for k in keys}, "settings": settings}
+    return {"entries": results, "mean": {k: _mean([r.get(k) for r in results]) for k in keys},
+            "settings": {**cfg.settings(), "clip": clip.path, "images_in": str(img_in) if img_in else None}}
 
 
 def _probe_metrics(judge: Any, e: EvalEntry, images: list[Image.Image], prompts: list[str], fake_feats: Any,
@@ -185,35 +187,36 @@ def _probe_metrics(judge: Any, e: EvalEntry, images: list[Image.Image], prompts:
             "verdicts": [v.label() for v in verdicts]}
 
 
-def run_eval(base: str, dataset: str | Path, deltas: Sequence[str], clip_path: str, out: str | Path, *,
-             select: Sequence[str] | None = None, images_in: str | Path | None = None, device: str = "cpu",
-             progress: bool = True, **kw: Any) -> dict[str, Any]:
-    """Load everything, evaluate, and publish metrics.json, metrics.md and images/ into `out` atomically."""
-    from .base import load_pipeline
+def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
+    """Load everything, evaluate, and publish metrics.json, metrics.md and images/ into `cfg.out` atomically."""
+    from .base import default_device, load_pipeline
     from .delta import apply_deltas, load_delta
 
-    out = check_out(out, "eval", METRICS_FILE, replaces=[IMAGES_DIR])
-    entries = read_dataset(dataset, select)
+    cfg.validate()
+    out = check_out(cfg.out, "eval", METRICS_FILE, replaces=[IMAGES_DIR])
+    entries = read_dataset(cfg.dataset, cfg.entries)
     check_folders(entries)
-    if images_in is not None and not Path(images_in).is_dir():
-        raise UserError(f"--images {images_in}: no such folder")
-    loaded = [load_delta(p) for p in deltas]  # validate every file before the slow loads
-    clip = ClipFeatures(clip_path, device=device)
+    if cfg.images is not None and not Path(cfg.images).is_dir():
+        raise UserError(f"--images {cfg.images}: no such folder")
+    loaded = [load_delta(p) for p in cfg.deltas]  # validate every file before the slow loads
+    device = cfg.device or default_device()
+    clip = ClipFeatures(resolve_clip(cfg.clip, cfg.base), device=device)
     pipe = None
-    if images_in is None:
-        pipe = load_pipeline(base, device=device)
-        apply_deltas(pipe, loaded, list(deltas))
-    elif deltas:
+    if cfg.images is None:
+        pipe = load_pipeline(cfg.base, device=device)
+        apply_deltas(pipe, loaded, list(cfg.deltas))
+    elif cfg.deltas:
         log.warning("--images given: the images are read, not generated, so --delta has no effect")
     judge = None
-    if base == "toy":  # the toy world's probe reads every attribute: probe-exact measures beside CLIP's
+    if cfg.base == "toy":  # the toy world's probe reads every attribute: probe-exact measures beside CLIP's
         from .toy.fidelity import Judge
 
         judge = Judge.toy()
     with staged(out, last=METRICS_FILE) as staging:
-        result = evaluate(pipe, entries, clip, images_in=images_in,
-                          images_out=None if images_in is not None else staging / IMAGES_DIR, progress=progress,
-                          judge=judge, **kw)
-        result["settings"].update(base=base, deltas=list(deltas), dataset=str(dataset), device=str(device))
+        result = evaluate(pipe, entries, clip, cfg, images_in=cfg.images,
+                          images_out=None if cfg.images is not None else staging / IMAGES_DIR, progress=progress,
+                          judge=judge)
+        result["settings"].update(base=cfg.base, deltas=list(cfg.deltas), dataset=str(cfg.dataset),
+                                  device=str(device))
         write_results(result, staging)
     return result

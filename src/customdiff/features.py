@@ -37,6 +37,28 @@ def _load_image_processor(path: str, local: bool, image_size: int) -> Any:
                                   image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD))
 
 
+def _toy_clip() -> str | None:
+    """The shipped toy CLIP folder, or None when the toy world is not installed or built."""
+    try:
+        from .toy import paths
+    except ImportError:
+        return None
+    folder = Path(paths()["clip"])
+    return str(folder) if (folder / "config.json").is_file() else None
+
+
+def resolve_clip(clip: str | None, base: str | None) -> str:
+    """`clip`, or the toy CLIP when the base is the toy world (eval) or no base is involved (retrieve)."""
+    if clip:
+        return clip
+    if base is None or base == "toy":
+        toy = _toy_clip()
+        if toy:
+            return toy
+        raise UserError("--clip PATH is required: the toy CLIP is not built in this installation")
+    raise UserError("--clip PATH is required unless --base toy (e.g. a local openai/clip-vit-base-patch32 folder)")
+
+
 class ClipFeatures:
     """A CLIP model with its tokenizer and image processor; embeds images and texts (no grad, batched)."""
 

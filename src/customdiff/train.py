@@ -7,7 +7,7 @@ import logging
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +22,9 @@ from .delta import Delta, atomic_save, base_fingerprint, check_finite, read_meta
 from .errors import UserError
 from .model import CustomDiffusion
 from .outputs import make_dirs
-from .surgery import TRAIN_CHOICES, detach_start_token, freeze_except, trainable_names
+from .surgery import detach_start_token, freeze_except, trainable_names
 from .tokens import TokenRows, add_tokens, default_initializers
-from .validate import (
-    check_free_space,
-    check_multiple,
-    check_number,
-    check_out_file,
-    check_seed,
-    deferred_warnings,
-)
+from .validate import check_free_space, check_multiple, check_out_file, deferred_warnings
 
 log = logging.getLogger(__name__)
 
@@ -53,30 +46,12 @@ def checkpoint_dir(out: str | Path) -> Path:
     return out.with_name(out.name + ".ckpt")
 
 
-def check_numbers(cfg: TrainConfig) -> None:
-    """Every numeric training flag in its range (before anything loads)."""
-    check_number("--steps", cfg.steps, 1)
-    check_number("--batch-size", cfg.batch_size, 1)
-    check_number("--gradient-accumulation", cfg.gradient_accumulation, 1)
-    check_number("--resolution", cfg.resolution, 0, 8192, why=" (0 = the base's native size)")
-    check_seed("--seed", cfg.seed)
-    check_number("--learning-rate", cfg.learning_rate, 0, 1.0, lo_open=True)
-    check_number("--weight-decay", cfg.weight_decay, 0, 1.0)
-    check_number("--max-grad-norm", cfg.max_grad_norm, 0, lo_open=True)
-    check_number("--num-class-images", cfg.num_class_images, 0, 100_000)
-    check_number("--checkpoint-every", cfg.checkpoint_every, 0)
-    check_number("--class-image-steps", cfg.class_image_steps, 1, 1000)
-
-
 def _check_config(cfg: TrainConfig, specs: list[ConceptSpec],
-                  cache: dict[Path, Any] | None = None) -> list[str]:
-    """Everything checkable before the base loads: flags, output path and space, concepts and their images."""
+                  cache: dict[Path, Any] | None = None) -> tuple[list[ConceptSpec], list[str]]:
+    """Everything checkable before the base loads: flags, output path and space, concepts and their images.
+    Returns the concepts with their tokens resolved, and all tokens."""
     with deferred_warnings():
-        if cfg.train not in TRAIN_CHOICES:
-            raise UserError(f"--train {cfg.train!r} is unknown; choose one of {', '.join(TRAIN_CHOICES)}")
-        if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-            raise UserError(f"--mixed-precision {cfg.mixed_precision!r}: choose no, fp16 or bf16")
-        check_numbers(cfg)
+        cfg.validate()
         if not cfg.out:
             raise UserError("--out: give an output file ending in .safetensors")
         facts = base_facts(cfg.base)
@@ -92,10 +67,10 @@ def _check_config(cfg: TrainConfig, specs: list[ConceptSpec],
             check_free_space("--out", out, size * (4 if cfg.checkpoint_every else 1))
         if cfg.resume and (ckpt / "latest.safetensors").is_file():
             check_checkpoint(ckpt, cfg)
-        tokens = validate_concepts(specs, cfg.resolution or (facts.native_resolution if facts else 0), cache)
+        specs, tokens = validate_concepts(specs, cfg.resolution or (facts.native_resolution if facts else 0), cache)
         if cfg.initializer and len(cfg.initializer) != len(tokens):
             raise UserError(f"--initializer gives {len(cfg.initializer)} words for {len(tokens)} tokens {tokens}")
-    return tokens
+    return specs, tokens
 
 
 def _save_checkpoint(path: Path, step: int, cfg: TrainConfig, params: dict[str, torch.nn.Parameter],
@@ -124,8 +99,7 @@ def check_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
         raise UserError(f"{file}: not a customdiff checkpoint; delete {path} to start over")
     tensors = read_tensors(file)
     check_finite(tensors, file)
-    differ = [k for k, v in cfg.to_dict().items() if k not in ("resume", "checkpoint_every", "logdir", "steps")
-              and saved.get(k) != v and not (isinstance(v, list) and saved.get(k) == list(v))]
+    differ = cfg.resume_changes(saved)
     if differ:
         raise UserError(f"{file}: the checkpoint was made with other settings ({', '.join(differ)}); "
                         "resume with the same flags or start a new --out")
@@ -149,18 +123,21 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, params: dict[str, torch.nn.Pa
 
 
 def _reg_sources(cfg: TrainConfig, specs: list[ConceptSpec], pipe: Any, is_main: bool, accelerator: Any,
-                 progress: bool) -> None:
+                 progress: bool) -> list[ConceptSpec]:
+    """The concepts with a regularization source each: generated (and cached) class images for those without."""
+    resolved = []
     for s in specs:
-        if s.reg_dir or cfg.num_class_images <= 0:
-            continue
-        folder = default_cache_dir(cfg.base, s.class_prompt)
-        if is_main:
-            ensure_class_images(pipe, s.class_prompt, folder, cfg.num_class_images, seed=cfg.seed,
-                                steps=cfg.class_image_steps, progress=progress)
-        accelerator.wait_for_everyone()
-        s.reg_dir = str(folder)
-    if cfg.num_class_images <= 0 and not any(s.reg_dir for s in specs):
+        if not s.reg_dir and cfg.num_class_images > 0:
+            folder = default_cache_dir(cfg.base, s.class_prompt)
+            if is_main:
+                ensure_class_images(pipe, s.class_prompt, folder, cfg.num_class_images, seed=cfg.seed,
+                                    steps=cfg.class_image_steps, progress=progress)
+            accelerator.wait_for_everyone()
+            s = replace(s, reg_dir=str(folder))
+        resolved.append(s)
+    if cfg.num_class_images <= 0 and not any(s.reg_dir for s in resolved):
         log.warning("training without regularization images: the class word may drift")
+    return resolved
 
 
 def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pipe: Any = None,
@@ -174,7 +151,7 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     from accelerate import Accelerator
 
     images: dict[Path, Any] = {}
-    tokens = _check_config(cfg, specs, images)
+    specs, tokens = _check_config(cfg, specs, images)  # resolved copies: the caller's specs stay as given
     out = Path(cfg.out)
     ckpt = checkpoint_dir(out)
     # without a GPU, accelerate only forms a multi-process (gloo) group when told it runs on the CPU
@@ -190,7 +167,7 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     size = cfg.resolution or unet.config.sample_size * factor
     if size % factor:
         raise UserError(f"--resolution {size} must be a multiple of the VAE's factor {factor}")
-    _reg_sources(cfg, specs, pipe, is_main, accelerator, progress)
+    specs = _reg_sources(cfg, specs, pipe, is_main, accelerator, progress)
     data = TrainData(specs, size, factor, augment=cfg.augment, flip=cfg.flip, cache=images)
 
     # new tokens, each initialised from a rare word (or the user's initializer)

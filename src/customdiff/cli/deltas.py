@@ -1,13 +1,12 @@
-"""Subcommands merge, compress, export and import; `register(sub)` adds them to the main parser."""
+"""Subcommands on delta files: `merge`, `compress`, `export` and `import`."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-from .errors import UserError
-from .validate import (
+from ..errors import UserError
+from ..validate import (
     check_in_file,
     check_number,
     check_out_dir,
@@ -15,8 +14,7 @@ from .validate import (
     deferred_warnings,
     human_bytes,
 )
-
-log = logging.getLogger("customdiff")
+from .flags import add_base, add_device, add_out, device
 
 
 def _out_file(path: str, need_bytes: int = 0) -> Path:
@@ -27,14 +25,10 @@ def _sizes(paths: list[str]) -> int:
     return sum(Path(p).stat().st_size for p in paths if Path(p).is_file())
 
 
-def _human(n: int) -> str:
-    return human_bytes(n)
-
-
 def _cmd_merge(a: argparse.Namespace) -> None:
-    from .base import base_facts, load_pipeline
-    from .delta import load_delta, save_delta
-    from .merge import merge_deltas, read_captions
+    from ..base import base_facts, load_pipeline
+    from ..delta import load_delta, save_delta
+    from ..merge import merge_deltas, read_captions
 
     with deferred_warnings():
         if len(a.deltas) < 2:
@@ -47,7 +41,7 @@ def _cmd_merge(a: argparse.Namespace) -> None:
         deltas = [load_delta(p) for p in a.deltas]  # validate every input before the slow base load
         captions = read_captions(a.reg_captions)
         base_facts(a.base)
-    pipe = load_pipeline(a.base, device=a.device or "cpu")
+    pipe = load_pipeline(a.base, device=device(a.device))
     merged = merge_deltas(deltas, pipe, captions, sources=a.deltas, ridge=a.ridge, base_name=a.base,
                           pad_weight=a.pad_weight)
     save_delta(merged, out)
@@ -55,8 +49,8 @@ def _cmd_merge(a: argparse.Namespace) -> None:
 
 
 def _cmd_compress(a: argparse.Namespace) -> None:
-    from .compress import compress_delta
-    from .delta import load_delta, save_delta
+    from ..compress import compress_delta
+    from ..delta import load_delta, save_delta
 
     with deferred_warnings():
         check_number("--energy", a.energy, 0, 1, lo_open=True, why=" (a fraction of the singular values)")
@@ -68,27 +62,27 @@ def _cmd_compress(a: argparse.Namespace) -> None:
     small = compress_delta(delta, energy=a.energy, rank=a.rank)
     save_delta(small, out)
     before, after = Path(a.delta).stat().st_size, out.stat().st_size
-    print(f"{a.delta}: {_human(before)} -> {out}: {_human(after)} ({100.0 * after / max(before, 1):.1f}%)")
+    print(f"{a.delta}: {human_bytes(before)} -> {out}: {human_bytes(after)} ({100.0 * after / max(before, 1):.1f}%)")
 
 
 def _cmd_export(a: argparse.Namespace) -> None:
-    from .delta import check_base, load_delta
-    from .interop import export_delta
+    from ..delta import check_base, load_delta
+    from ..interop import export_delta
 
     with deferred_warnings():
         check_out_dir("-o", a.out, need_bytes=2 * _sizes([a.delta]))
         delta = load_delta(a.delta)
     if a.base:  # optional: confirm the delta belongs to this base before handing it to other tools
-        from .base import load_pipeline
+        from ..base import load_pipeline
 
         check_base(delta, load_pipeline(a.base).unet, a.delta)
     print(export_delta(delta, a.to, a.out))
 
 
 def _cmd_import(a: argparse.Namespace) -> None:
-    from .base import base_facts, load_pipeline
-    from .delta import save_delta
-    from .interop import import_reference, read_reference
+    from ..base import base_facts, load_pipeline
+    from ..delta import save_delta
+    from ..interop import import_reference, read_reference
 
     with deferred_warnings():
         check_in_file("FILE", a.file, "reference delta (delta.ckpt or delta.bin)")
@@ -104,9 +98,9 @@ def _cmd_import(a: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the merge, compress, export and import subcommands to `sub`."""
-    from .interop import EXPORT_FORMATS
-    from .merge import DEFAULT_RIDGE
+    """Add `merge`, `compress`, `export` and `import`."""
+    from ..interop import EXPORT_FORMATS
+    from ..merge import DEFAULT_RIDGE
 
     m = sub.add_parser("merge", help="closed-form merge of separately trained deltas into one",
                        description="Merge deltas of one base: each cross-attention K/V matrix is solved in closed "
@@ -114,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "as little as possible (docs/MERGE.md). Clashing token names are renamed (<new2>, ...); "
                        "residuals are logged and stored in the merged delta.")
     m.add_argument("deltas", nargs="+", metavar="DELTA", help="delta files (two or more)")
-    m.add_argument("--base", required=True, help="base pipeline the deltas were trained on: folder, hub id or 'toy'")
+    add_base(m, note=" (the one the deltas were trained on)")
     m.add_argument("--reg-captions", metavar="FILE", default=None,
                    help="generic captions, one per line (default: the 460 shipped with customdiff)")
     m.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
@@ -122,8 +116,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--pad-weight", type=float, default=0.0,
                    help="also pull each concept's padding rows (after end-of-text) towards its own outputs, with "
                    "this weight relative to the captions (default: 0, the reference's merge; see docs/MERGE.md)")
-    m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    m.add_argument("-o", "--out", required=True, metavar="OUT.safetensors", help="output delta file")
+    add_device(m)
+    add_out(m, "output delta file", metavar="OUT.safetensors")
     m.set_defaults(func=_cmd_merge)
 
     c = sub.add_parser("compress", help="low-rank compression of a delta",
@@ -134,7 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--energy", type=float, help="keep the smallest rank whose singular values sum to this fraction "
                    "of the total (the reference uses 0.6)")
     g.add_argument("--rank", type=int, help="keep this rank in every matrix")
-    c.add_argument("-o", "--out", required=True, metavar="OUT.safetensors", help="output delta file")
+    add_out(c, "output delta file", metavar="OUT.safetensors")
     c.set_defaults(func=_cmd_compress)
 
     e = sub.add_parser("export", help="export a delta as a LoRA plus embeddings for other tools",
@@ -145,8 +139,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "emb_params embeddings. The folder also gets customdiff_export.json.")
     e.add_argument("delta", metavar="DELTA", help="delta file")
     e.add_argument("--to", required=True, choices=list(EXPORT_FORMATS), help="target format")
-    e.add_argument("--base", default=None, help="optional: check the delta against this base first")
-    e.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
+    add_base(e, required=False, note=" (optional: check the delta against this base first)")
+    add_out(e, "output folder")
     e.set_defaults(func=_cmd_export)
 
     i = sub.add_parser("import", help="import a reference-repo delta (delta.ckpt or delta.bin)",
@@ -154,8 +148,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "delta.bin (torch.load with weights_only=True: no code in the file is run; anything but "
                        "tensors and plain containers is refused) and store its changes against --base.")
     i.add_argument("file", metavar="FILE", help="delta.ckpt or delta.bin")
-    i.add_argument("--base", required=True, help="the base model it was trained from: folder, hub id or 'toy'")
+    add_base(i, note=" (the one it was trained from)")
     i.add_argument("--class-word", action="append", metavar="WORD",
                    help="class word of each token in order (e.g. cat), used by a later merge (repeatable)")
-    i.add_argument("-o", "--out", required=True, metavar="OUT.safetensors", help="output delta file")
+    add_out(i, "output delta file", metavar="OUT.safetensors")
     i.set_defaults(func=_cmd_import)

@@ -1,0 +1,115 @@
+"""The `customdiff` command line: the parser, logging, and exit codes (0 ok, 2 bad input, 1 other).
+
+Subcommands live in modules by concern (COMMAND_MODULES); shared flags in flags.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import logging
+import os
+import re
+import sys
+from typing import Any
+
+from ..errors import UserError
+from .flags import Parser
+
+log = logging.getLogger("customdiff")
+
+
+# the modules of cli/ that add subcommands, each by concern; a module here has `register(sub)`
+COMMAND_MODULES = ("training", "sampling", "deltas", "evaluation", "toy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    p = Parser(prog="customdiff", description="Custom Diffusion: teach a text-to-image diffusion model new "
+               "concepts by fine-tuning cross-attention K/V and new token embeddings; store small deltas.")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"{__name__}.{name}").register(sub)
+    return p
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever sys.stderr is when a record comes (redirected or captured streams)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    ours = logging.getLogger("customdiff")
+    for h in [h for h in ours.handlers if isinstance(h, _StderrHandler)]:
+        ours.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    ours.addHandler(handler)
+    ours.setLevel(logging.WARNING if quiet else logging.INFO)
+    ours.propagate = False  # one line per record, whatever the root logger has
+    for name in ("transformers", "diffusers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import diffusers
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        diffusers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _fail(command: str | None, message: str, code: int) -> int:
+    """Print the error as the last line on stderr: progress bars closed, later log lines silenced."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+    except ImportError:
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    line = re.sub(r"\s*[\r\n]+\s*", " ", message.strip())  # one line, whatever the message holds
+    print(f"customdiff {command}: error: {line}" if command else f"customdiff: {line}", file=sys.stderr, flush=True)
+    logging.disable(logging.CRITICAL)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `customdiff` command."""
+    logging.disable(logging.NOTSET)  # an earlier failed call in this process silenced logging
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        args.func(args)
+    except UserError as e:
+        return _fail(args.command, str(e), 2)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            where = f" writing {e.filename}" if e.filename else ""
+            return _fail(args.command, f"the disk is full{where} ({e.strerror}); nothing partial was kept: "
+                         "free some space and run again", 1)
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            return _fail(args.command, f"{e.filename or 'a file'}: {e.strerror}; choose a path you can write", 2)
+        raise
+    except KeyboardInterrupt:
+        return _fail(None, "interrupted", 130)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
