@@ -77,12 +77,7 @@ def check_multiple(flag: str, value: int | None, factor: int, why: str = "") -> 
                         f"{max(factor, value // factor * factor)}")
 
 
-SEED_MAX = 2**32 - 1
-
-
-def check_seed(flag: str, seed: int) -> None:
-    """A seed must be in 0..2**32-1 (numpy's SeedSequence refuses negatives; derived seeds need headroom)."""
-    check_number(flag, seed, 0, SEED_MAX)
+SEED_MAX = 2**32 - 1  # training seeds: numpy's SeedSequence refuses negatives; derived seeds need headroom
 
 
 # ---------------------------------------------------------------- output paths
