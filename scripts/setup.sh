@@ -11,6 +11,14 @@ want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch first, from the pinned version: a bare "torch" requirement would pull a multi-GB CUDA build.
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-  .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+  .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,ui]"
   echo "$want" > "$stamp"
+fi
+# The web UI's browser tests drive Debian's Chromium (Playwright's own browser download needs a network that CI
+# lacks); CI installs it when missing, elsewhere those tests skip and say why.
+if [ "${CI:-}" = "true" ] && [ ! -x "${CUSTOMDIFF_CHROMIUM:-/usr/bin/chromium}" ]; then
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium
 fi

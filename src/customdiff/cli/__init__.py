@@ -21,7 +21,7 @@ log = logging.getLogger("customdiff")
 
 
 # the modules of cli/ that add subcommands, each by concern; a module here has `register(sub)`
-COMMAND_MODULES = ("training", "sampling", "deltas", "evaluation", "toy")
+COMMAND_MODULES = ("training", "sampling", "deltas", "evaluation", "toy", "ui")
 
 
 def build_parser() -> argparse.ArgumentParser:

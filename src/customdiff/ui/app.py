@@ -1,0 +1,445 @@
+"""The UI's HTTP side: a FastAPI app serving one static page and a small JSON API, and `serve()` to run it.
+
+Every failure the user can cause comes back as {"error": "..."} with status 400 and is shown in the page.
+Mutating requests must carry the header X-Customdiff: 1 (a page on another site cannot add it without a CORS
+preflight, which this app never grants); when bound to a loopback address, only loopback Host headers are served.
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import logging
+import re
+import shutil
+import socket
+import time
+import zipfile
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+from ..errors import UserError
+from .jobs import Job, Trainer, new_job_id
+from .tasks import Tasks
+from .workdir import (
+    MAX_PHOTOS,
+    MAX_REG_IMAGES,
+    MAX_UPLOAD_BYTES,
+    MIN_PHOTOS,
+    Workdir,
+    display_name,
+    entry,
+    list_deltas,
+    safe_name,
+    save_image_upload,
+)
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+CLASS_RE = r"^[A-Za-z][A-Za-z0-9-]{0,31}$"
+TOKEN_RE = r"^<[A-Za-z0-9_-]{1,32}>$"
+
+
+class Settings:
+    """What the page's forms start with, per base (the toy world needs larger learning rates)."""
+
+    def __init__(self, base: str):
+        from ..base import base_facts, resolve_base
+        from ..toy import paths
+
+        toy = paths()
+        self.is_toy = Path(resolve_base(base)).resolve() == Path(toy["base"]).resolve()
+        facts = base_facts(base)
+        self.resolution = facts.native_resolution if facts else 512
+        self.toy_classes = sorted(p.name for p in (Path(toy["concepts"]) / "class_images").iterdir()
+                                  if p.is_dir()) if self.is_toy else []
+        self.defaults: dict[str, Any] = {
+            "token": "<new1>", "steps": 250, "learning_rate": 3e-5 if self.is_toy else 1e-5, "seed": 0,
+            "batch_size": 8, "reg": "toy" if self.is_toy else "generated", "num_class_images": 200,
+            "preview_every": 25 if self.is_toy else 50, "preview_steps": 20, "checkpoint_every": 25,
+            "guidance": 5.0 if self.is_toy else 7.5, "template": "photo of a {token} {class}",
+            "sample_steps": 25 if self.is_toy else 50, "n": 4}
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise UserError(message)
+
+
+def _number(name: str, value: float, lo: float, hi: float) -> None:
+    _check(lo <= value <= hi, f"{name} must be between {lo:g} and {hi:g} (got {value:g})")
+
+
+def create_app(wd: Workdir, trainer: Trainer, tasks: Tasks, base: str, loopback: bool = True) -> Any:
+    """The FastAPI application over a work folder, a training worker and a task runner."""
+    settings = Settings(base)
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        trainer.start()
+        yield
+        import asyncio
+
+        # a running job checkpoints at its next step; waiting for it must not block the event loop
+        await asyncio.to_thread(trainer.shutdown)
+        await asyncio.to_thread(tasks.shutdown)
+
+    app = FastAPI(title="customdiff", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    if loopback:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"])
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        if request.method not in ("GET", "HEAD") and request.headers.get("x-customdiff") != "1":
+            return JSONResponse({"error": "request refused: not sent by the customdiff page"}, status_code=403)
+        response = await call_next(request)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; frame-ancestors 'none'")
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, e: UserError) -> JSONResponse:
+        return JSONResponse({"error": " ".join(str(e).split())}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_form(request: Request, e: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in e.errors()[:3]:
+            where = str(err.get("loc", ["", "?"])[-1]).replace("_", " ")
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        return JSONResponse({"error": "; ".join(parts)}, status_code=400)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/")
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/api/health")
+    def health() -> dict[str, Any]:
+        return {"ok": True}
+
+    @app.get("/api/info")
+    def info() -> dict[str, Any]:
+        return {"base": base, "toy": settings.is_toy, "toy_classes": settings.toy_classes,
+                "resolution": settings.resolution, "defaults": settings.defaults, "workdir": str(wd.root),
+                "min_photos": MIN_PHOTOS, "max_photos": MAX_PHOTOS}
+
+    # ------------------------------------------------------------------ teach
+
+    @app.get("/api/jobs")
+    def jobs() -> dict[str, Any]:
+        return trainer.snapshot()
+
+    @app.post("/api/jobs")
+    async def submit(
+        photos: Annotated[list[UploadFile], File()],
+        class_word: Annotated[str, Form()],
+        token: Annotated[str, Form()] = "<new1>",
+        name: Annotated[str, Form()] = "",
+        template: Annotated[str, Form()] = "photo of a {token} {class}",
+        steps: Annotated[int, Form()] = 250,
+        learning_rate: Annotated[float, Form()] = 1e-5,
+        seed: Annotated[int, Form()] = 0,
+        batch_size: Annotated[int, Form()] = 8,
+        reg: Annotated[str, Form()] = "generated",
+        num_class_images: Annotated[int, Form()] = 200,
+        preview_every: Annotated[int, Form()] = 25,
+        preview_steps: Annotated[int, Form()] = 20,
+        checkpoint_every: Annotated[int, Form()] = 25,
+        reg_files: Annotated[list[UploadFile] | None, File()] = None,
+    ) -> dict[str, Any]:
+        class_word, token, template = class_word.strip(), token.strip(), " ".join(template.split())
+        _check(bool(re.match(CLASS_RE, class_word)), f"class word {display_name(class_word)!r}: give one word "
+               "such as dog, mug or square (letters, digits, '-')")
+        bare = token.strip("<>")
+        if token in tasks.vocab or bare in tasks.vocab or bare + "</w>" in tasks.vocab:
+            raise UserError(f"token {display_name(token)!r} is already in the vocabulary; a new concept needs a "
+                            "new token such as <new1> or <my-dog>")
+        _check(bool(re.match(TOKEN_RE, token)), f"token {display_name(token)!r}: write it in angle brackets, "
+               "like <new1> (letters, digits, '-', '_')")
+        _check("{token}" in template and "{class}" in template and "<" not in template.replace("{token}", ""),
+               "prompt template: keep {token} and {class} in it, e.g. 'photo of a {token} {class}'")
+        _number("steps", steps, 1, 100_000)
+        _number("learning rate", learning_rate, 1e-8, 1.0)
+        _number("seed", seed, 0, 2**63 - 1)
+        _number("batch size", batch_size, 1, 256)
+        _number("class images", num_class_images, 0, MAX_REG_IMAGES)
+        _number("preview every", preview_every, 0, 100_000)
+        _number("preview sampling steps", preview_steps, 1, 1000)
+        _number("checkpoint every", checkpoint_every, 0, 100_000)
+        _check(reg in ("toy", "generated", "upload", "none"), f"regularization {reg!r}: choose toy, generated, "
+               "upload or none")
+        if reg == "toy":
+            _check(settings.is_toy, "the toy class images only go with the toy base; choose generated or upload")
+            _check(class_word in settings.toy_classes, f"the toy world has class images of "
+                   f"{', '.join(settings.toy_classes)}, not {class_word!r}; choose generated or upload")
+        photos = [p for p in photos if p.filename or p.size]
+        _check(len(photos) >= MIN_PHOTOS, f"{len(photos)} photo(s): give {MIN_PHOTOS} to {MAX_PHOTOS} photos of "
+               "the concept")
+        _check(len(photos) <= MAX_PHOTOS, f"{len(photos)} photos: give at most {MAX_PHOTOS} (pick the best)")
+        regs = [f for f in reg_files or [] if f.filename or f.size]
+        if reg == "upload":
+            _check(bool(regs), "regularization: upload images of the class (with .txt captions if you have them)")
+            _check(len(regs) <= 2 * MAX_REG_IMAGES, f"regularization: at most {MAX_REG_IMAGES} images")
+
+        job_id = new_job_id()
+        folder = trainer.job_dir(job_id)
+        try:
+            (folder / "photos").mkdir(parents=True)
+            for i, f in enumerate(photos):
+                save_image_upload(await _read(f), f.filename or "", folder / "photos", f"{i:02d}", wd.tmp)
+            if reg == "upload":
+                await _save_reg(regs, folder / "reg", wd)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        prompt = template.replace("{token}", token).replace("{class}", class_word)
+        class_prompt = " ".join(template.replace("{token}", "").replace("{class}", class_word).split())
+        config = {"steps": steps, "learning_rate": learning_rate, "seed": seed, "batch_size": batch_size,
+                  "num_class_images": num_class_images if reg == "generated" else 0,
+                  "checkpoint_every": checkpoint_every}
+        job = Job(id=job_id, name=safe_name(name or f"{class_word}-{bare}"), token=token, class_word=class_word,
+                  instance_prompt=prompt, class_prompt=class_prompt, reg=reg, config=config,
+                  preview_every=preview_every, preview_steps=preview_steps,
+                  guidance=float(settings.defaults["guidance"]), photos=len(photos))
+        trainer.submit(job)
+        return {"id": job_id}
+
+    @app.post("/api/jobs/{job_id}/stop")
+    def stop(job_id: str) -> dict[str, Any]:
+        trainer.stop_job(job_id)
+        return {"ok": True}
+
+    @app.post("/api/jobs/{job_id}/resume")
+    def resume(job_id: str) -> dict[str, Any]:
+        trainer.resume_job(job_id)
+        return {"ok": True}
+
+    @app.get("/api/jobs/{job_id}/previews/{file}")
+    def preview(job_id: str, file: str) -> FileResponse:
+        folder = entry(wd.jobs, job_id, "job", is_dir=True)
+        return FileResponse(entry(folder / "previews", file, "preview"), media_type="image/png")
+
+    # ------------------------------------------------------------------ sample
+
+    @app.post("/api/sample")
+    async def sample(request: Request) -> dict[str, Any]:
+        body = await _json(request)
+        prompts = [" ".join(str(p).split()) for p in body.get("prompts", []) if str(p).strip()]
+        _check(bool(prompts), "write at least one prompt")
+        _check(len(prompts) <= 32, "at most 32 prompts at a time")
+        _check(all(len(p) <= 500 for p in prompts), "prompts: at most 500 characters each")
+        names = _names(body.get("deltas", []))
+        n, seed, steps = _int(body, "n", 4), _int(body, "seed", 0), _int(body, "steps", 25)
+        guidance = _float(body, "guidance", float(settings.defaults["guidance"]))
+        _number("images per prompt", n, 1, 16)
+        _number("seed", seed, 0, 2**63 - 1)
+        _number("steps", steps, 1, 1000)
+        _number("guidance", guidance, 0, 50)
+        for nm in names:
+            entry(wd.deltas, nm, "delta")
+        return {"task": tasks.submit("sample", lambda: tasks.sample(names, prompts, n, seed, steps, guidance))}
+
+    @app.get("/api/samples/{folder}/{file}")
+    def sample_file(folder: str, file: str, download: int = 0) -> Any:
+        where = entry(wd.samples, folder, "sample folder", is_dir=True)
+        if file == "images.zip":
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+                for p in sorted(where.iterdir()):
+                    if p.is_file() and not p.name.startswith("."):
+                        z.write(p, f"{folder}/{p.name}")
+            return Response(buf.getvalue(), media_type="application/zip",
+                            headers={"Content-Disposition": f'attachment; filename="samples-{folder}.zip"'})
+        path = entry(where, file, "image")
+        if download:
+            return FileResponse(path, filename=f"{folder}-{file}")
+        return FileResponse(path)
+
+    @app.get("/api/tasks/{task_id}")
+    def task(task_id: str) -> dict[str, Any]:
+        return tasks.get(task_id)
+
+    # ------------------------------------------------------------------ library
+
+    @app.get("/api/deltas")
+    def deltas() -> dict[str, Any]:
+        return {"deltas": list_deltas(wd)}
+
+    @app.post("/api/deltas")
+    async def upload_delta(file: Annotated[UploadFile, File()]) -> dict[str, Any]:
+        shown = display_name(file.filename or "delta.safetensors")
+        _check(shown.lower().endswith(".safetensors"), f"{shown}: a delta is a .safetensors file")
+        data = await _read(file, limit=2**31)
+        part = wd.unique(wd.tmp, "upload", ".safetensors")
+        part.write_bytes(data)
+        try:
+            import asyncio
+
+            await asyncio.to_thread(tasks.check_file, part, shown)
+            dest = wd.unique(wd.deltas, safe_name(Path(shown).stem, "delta"), ".safetensors")
+            part.replace(dest)
+        finally:
+            part.unlink(missing_ok=True)
+        return {"delta": dest.name}
+
+    @app.get("/api/deltas/{name}/download")
+    def download_delta(name: str) -> FileResponse:
+        return FileResponse(entry(wd.deltas, name, "delta"), filename=name,
+                            media_type="application/octet-stream")
+
+    @app.delete("/api/deltas/{name}")
+    def delete_delta(name: str) -> dict[str, Any]:
+        entry(wd.deltas, name, "delta").unlink()
+        return {"ok": True}
+
+    @app.post("/api/deltas/merge")
+    async def merge(request: Request) -> dict[str, Any]:
+        body = await _json(request)
+        names = _names(body.get("deltas", []))
+        _check(len(names) >= 2, "select two or more deltas to merge")
+        for nm in names:
+            entry(wd.deltas, nm, "delta")
+        name = str(body.get("name") or "merged")
+        return {"task": tasks.submit("merge", lambda: tasks.merge(names, name))}
+
+    @app.post("/api/deltas/{name}/compress")
+    async def compress(name: str, request: Request) -> dict[str, Any]:
+        body = await _json(request)
+        entry(wd.deltas, name, "delta")
+        rank = body.get("rank")
+        energy = None if rank else _float(body, "energy", 0.6)
+        if rank is not None:
+            rank = _int(body, "rank", 4)
+            _number("rank", rank, 1, 100_000)
+        else:
+            _check(energy is not None and 0 < energy <= 1, "energy must be in (0, 1], e.g. 0.6")
+        return {"task": tasks.submit("compress", lambda: tasks.compress(name, energy, rank))}
+
+    @app.post("/api/deltas/{name}/export")
+    def export(name: str) -> dict[str, Any]:
+        entry(wd.deltas, name, "delta")
+        return {"task": tasks.submit("export", lambda: tasks.export(name))}
+
+    @app.get("/api/exports/{name}")
+    def download_export(name: str) -> FileResponse:
+        return FileResponse(entry(wd.exports, name, "export"), filename=name, media_type="application/zip")
+
+    return app
+
+
+async def _read(f: Any, limit: int = MAX_UPLOAD_BYTES) -> bytes:
+    data = await f.read(limit + 1)
+    if len(data) > limit:
+        raise UserError(f"{display_name(f.filename or '')}: larger than {limit // 2**20} MB")
+    return data
+
+
+async def _save_reg(files: list[Any], folder: Path, wd: Workdir) -> None:
+    """Regularization uploads: images, and captions as .txt files named like their image."""
+    folder.mkdir()
+    captions: dict[str, str] = {}
+    images: list[tuple[str, bytes]] = []
+    for f in files:
+        name = display_name(f.filename or "")
+        data = await _read(f)
+        if name.lower().endswith(".txt"):
+            try:
+                captions[Path(name).stem] = " ".join(data.decode("utf-8").split())[:500]
+            except UnicodeDecodeError:
+                raise UserError(f"{name}: captions must be UTF-8 text") from None
+        else:
+            images.append((name, data))
+    _check(bool(images), "regularization: the upload holds captions but no images")
+    for i, (name, data) in enumerate(images):
+        saved = save_image_upload(data, name, folder, f"{i:05d}", wd.tmp)
+        if captions.get(Path(name).stem):
+            saved.with_suffix(".txt").write_text(captions[Path(name).stem] + "\n", encoding="utf-8")
+
+
+async def _json(request: Any) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise UserError("the request body is not JSON") from None
+    _check(isinstance(body, dict), "the request body must be a JSON object")
+    return body
+
+
+def _names(value: Any) -> list[str]:
+    _check(isinstance(value, list) and all(isinstance(v, str) for v in value), "deltas must be a list of names")
+    return list(value)
+
+
+def _int(body: dict[str, Any], key: str, default: int) -> int:
+    v = body.get(key, default)
+    try:
+        if isinstance(v, bool) or float(v) != int(float(v)):
+            raise ValueError
+        return int(float(v))
+    except (TypeError, ValueError):
+        raise UserError(f"{key}: give a whole number (got {str(v)[:20]!r})") from None
+
+
+def _float(body: dict[str, Any], key: str, default: float) -> float:
+    v = body.get(key, default)
+    try:
+        if isinstance(v, bool):
+            raise ValueError
+        x = float(v)
+    except (TypeError, ValueError):
+        raise UserError(f"{key}: give a number (got {str(v)[:20]!r})") from None
+    _check(x == x and abs(x) != float("inf"), f"{key}: give a finite number")
+    return x
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port that is in use before the slow model load."""
+    _number("--port", port, 1, 65535)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); choose another "
+                            "--port") from None
+
+
+def serve(base: str = "toy", host: str = "127.0.0.1", port: int = 7860, workdir: str | Path = "customdiff-ui",
+          device: str = "cpu", ready: Any = None) -> None:
+    """Run the UI until interrupted; a running training job checkpoints and resumes at the next start."""
+    import uvicorn
+
+    check_port(host, port)
+    wd = Workdir(Path(workdir))
+    t0 = time.perf_counter()
+    tasks = Tasks(wd, base, device)
+    trainer = Trainer(wd, base, device)
+    app = create_app(wd, trainer, tasks, base, loopback=_is_loopback(host))
+    log.info("loaded base %s in %.1f s; work folder %s", base, time.perf_counter() - t0, wd.root)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    shown = f"[{host}]" if ":" in host else host
+    if ready is not None:
+        ready(f"http://{shown}:{port}/")
+    server.run()
