@@ -123,14 +123,23 @@ async function teach(ev) {
 function curve(losses) {
   const svg = $("job-curve");
   svg.replaceChildren();
+  $("job-curve-range").textContent = "";
   if (losses.length < 2) return;
   const ys = losses.map((p) => p[1]);
   const lo = Math.min(...ys), hi = Math.max(...ys), span = hi - lo || 1;
   const x0 = losses[0][0], xs = (losses[losses.length - 1][0] - x0) || 1;
-  const pts = losses.map((p) => `${((p[0] - x0) / xs * 300).toFixed(1)},${(58 - (p[1] - lo) / span * 56).toFixed(1)}`);
-  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
-  line.setAttribute("points", pts.join(" "));
-  svg.append(line);
+  const pt = (x, y) => `${((x - x0) / xs * 300).toFixed(1)},${(58 - (y - lo) / span * 56).toFixed(1)}`;
+  // the diffusion loss is noisy step to step (random timesteps): a running mean shows the trend
+  let mean = ys[0];
+  const k = Math.min(0.2, 10 / losses.length);
+  const smooth = losses.map((p) => { mean += k * (p[1] - mean); return pt(p[0], mean); });
+  for (const [points, cls] of [[losses.map((p) => pt(p[0], p[1])), ""], [smooth, "smooth"]]) {
+    const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+    line.setAttribute("points", points.join(" "));
+    if (cls) line.setAttribute("class", cls);
+    svg.append(line);
+  }
+  $("job-curve-range").textContent = `${lo.toFixed(3)} – ${hi.toFixed(3)}`;
 }
 
 function renderJob(job) {
@@ -161,6 +170,7 @@ function renderJob(job) {
   curve(job.losses);
   const box = $("previews");
   const want = job.previews.slice().reverse().slice(0, 3);
+  $("previews-title").hidden = want.length === 0;
   const key = job.id + want.map((p) => p.file).join();
   if (box.dataset.key !== key) {
     box.dataset.key = key;
