@@ -13,6 +13,7 @@ import logging
 import re
 import shutil
 import socket
+import tempfile
 import time
 import zipfile
 from contextlib import asynccontextmanager
@@ -433,6 +434,11 @@ def serve(base: str = "toy", host: str = "127.0.0.1", port: int = 7860, workdir:
 
     check_port(host, port)
     wd = Workdir(Path(workdir))
+    # uploads larger than 1 MB are spooled to a temporary file while the request is read: keep those under the
+    # work folder too (this process is the server, so the process-wide setting is ours to make)
+    shutil.rmtree(wd.tmp, ignore_errors=True)  # what a crashed server left half-uploaded
+    wd.tmp.mkdir()
+    tempfile.tempdir = str(wd.tmp)
     t0 = time.perf_counter()
     tasks = Tasks(wd, base, device)
     trainer = Trainer(wd, base, device)
