@@ -19,13 +19,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 torch.set_num_threads(1)
 
-from tiny import make_images, make_reg_dir, make_tiny_pipeline  # noqa: E402
+from tiny import make_images, make_reg_dir, make_tiny_pipeline, make_tiny_xl_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> str:
     """A tiny random SD pipeline folder."""
     return str(make_tiny_pipeline(tmp_path_factory.mktemp("base") / "pipe", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_base(tmp_path_factory) -> str:
+    """A tiny random SDXL pipeline folder."""
+    return str(make_tiny_xl_pipeline(tmp_path_factory.mktemp("xlbase") / "pipe", seed=0))
 
 
 @pytest.fixture(scope="session")

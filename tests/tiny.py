@@ -92,3 +92,47 @@ def make_reg_dir(folder: Path, n: int, caption: str, seed: int = 1) -> Path:
     for p in folder.glob("*.png"):
         p.with_suffix(".txt").write_text(caption)
     return folder
+
+
+def make_tiny_xl_pipeline(path: Path, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny StableDiffusionXLPipeline (32 px images, 16x16x4 latents) to `path`.
+
+    As in SDXL: two CLIP text encoders (the second with a projection, pooled at argmax(input_ids) because its
+    config's eos_token_id is 2), tokenizer_2 padding with "!", a text_time UNet reading the concatenated
+    penultimate states (32 + 48 = 80 wide) and pooled (40) + 6 time ids. Widths differ so mix-ups fail."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tok_dir = path.parent / (path.name + "_tok")
+    write_tokenizer_files(tok_dir)
+    files = (str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"))
+    tokenizer = CLIPTokenizer(*files, model_max_length=16)
+    tokenizer_2 = CLIPTokenizer(*files, model_max_length=16, pad_token="!")
+    common = dict(vocab_size=len(tokenizer), num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, pad_token_id=1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64,
+                                                eos_token_id=tokenizer.eos_token_id, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, intermediate_size=96, projection_dim=40,
+                                                                eos_token_id=2, **common))
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=80,
+                                transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), norm_num_groups=8,
+                                use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 40)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=0.13025)
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.save_pretrained(path)
+    return path

@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 
+from .conditioning import SD_PIPELINE, XL_PIPELINE
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_XL_COMPONENTS = _COMPONENTS + ("text_encoder_2", "tokenizer_2")
 
 
 def default_device() -> str:
@@ -33,39 +35,72 @@ def resolve_base(base: str) -> str:
     return base
 
 
-def _check_local_folder(path: Path) -> None:
+def _check_local_folder(path: Path) -> str:
+    """Check a pipeline folder's layout; return the pipeline class it names (SD or SDXL)."""
     if not (path / "model_index.json").is_file():
         raise UserError(f"--base {path}: no model_index.json; give a diffusers Stable Diffusion pipeline folder or 'toy'")
     try:
         index = json.loads((path / "model_index.json").read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"--base {path}/model_index.json is not valid JSON ({e}); re-save the pipeline") from e
-    missing = [c for c in _COMPONENTS if c not in index or not (path / c).is_dir()]
+    if not isinstance(index, dict):
+        raise UserError(f"--base {path}/model_index.json is not a JSON object; re-save the pipeline")
+    name = _family(str(index.get("_class_name", "")), path)
+    wanted = _XL_COMPONENTS if name == XL_PIPELINE else _COMPONENTS
+    missing = [c for c in wanted if not isinstance(index.get(c), list) or index[c][0] is None
+               or not (path / c).is_dir()]
     if missing:
         raise UserError(f"--base {path}: missing pipeline components {', '.join(missing)}; save it with save_pretrained")
+    return name
+
+
+def _family(class_name: str, where: Any) -> str:
+    """StableDiffusionXLPipeline for SDXL text-to-image folders, StableDiffusionPipeline for the rest."""
+    if class_name.startswith("StableDiffusionXL"):
+        if class_name != XL_PIPELINE:
+            log.warning("--base %s: a %s; loading it as %s", where, class_name, XL_PIPELINE)
+        return XL_PIPELINE
+    return SD_PIPELINE
+
+
+def pipeline_class(base: str) -> str:
+    """The pipeline family of a base, read from its model_index.json (hub ids: the hub's copy)."""
+    path = Path(resolve_base(base))
+    if path.exists():
+        return _check_local_folder(path)
+    from diffusers import DiffusionPipeline
+
+    try:
+        return _family(str(DiffusionPipeline.load_config(str(path)).get("_class_name", "")), base)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--base {base}: cannot read its model_index.json ({str(e).splitlines()[0]})") from e
 
 
 def load_pipeline(base: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
-    """Load a StableDiffusionPipeline (SD 1.x/2.x layout) from a local folder, a hub id or `toy`."""
-    from diffusers import StableDiffusionPipeline
+    """Load a Stable Diffusion (1.x/2.x) or SDXL pipeline from a local folder, a hub id or `toy`; the class
+    comes from the folder's model_index.json, so every command takes either kind of base."""
+    import diffusers
 
     resolved = resolve_base(base)
     path = Path(resolved)
-    kwargs: dict[str, Any] = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
     if path.exists():
-        _check_local_folder(path)
         kwargs["local_files_only"] = True  # a local path never touches the network
     elif os.sep in resolved and resolved.count("/") != 1:
         raise UserError(f"--base {base}: no such folder; give a pipeline folder, a hub id (owner/name) or 'toy'")
+    name = pipeline_class(base)
+    if name == SD_PIPELINE:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
         with warnings.catch_warnings():  # diffusers 0.42 renames torch_dtype; older releases only know it
             warnings.simplefilter("ignore", FutureWarning)
-            pipe = StableDiffusionPipeline.from_pretrained(resolved, **kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--base {base}: cannot load a Stable Diffusion pipeline ({str(e).splitlines()[0]})") from e
-    if len(pipe.tokenizer) <= 2:
-        # transformers 5 silently builds an empty 2-token tokenizer when its files are missing (measured)
-        raise UserError(f"--base {base}: the tokenizer has no vocabulary; the folder lacks tokenizer files")
+            pipe = getattr(diffusers, name).from_pretrained(resolved, **kwargs)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"--base {base}: cannot load a {name} ({str(e).splitlines()[0]})") from e
+    for attr in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, attr, None) is not None and len(getattr(pipe, attr)) <= 2:
+            # transformers 5 silently builds an empty 2-token tokenizer when its files are missing (measured)
+            raise UserError(f"--base {base}: the {attr} has no vocabulary; the folder lacks tokenizer files")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     log.debug("loaded base %s (%s, prediction %s)", base, resolved, pipe.scheduler.config.get("prediction_type"))
@@ -80,6 +115,7 @@ class BaseFacts:
     native_resolution: int  # the UNet's sample size in pixels
     num_train_timesteps: int
     unet_config: dict[str, Any]
+    pipeline: str = SD_PIPELINE  # StableDiffusionPipeline or StableDiffusionXLPipeline
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -102,7 +138,7 @@ def base_facts(base: str) -> BaseFacts | None:
         if os.sep in base and base.count("/") != 1:
             raise UserError(f"--base {base}: no such folder; give a pipeline folder, a hub id (owner/name) or 'toy'")
         return None
-    _check_local_folder(path)
+    name = _check_local_folder(path)
     unet = _read_config(path / "unet" / "config.json")
     vae = _read_config(path / "vae" / "config.json")
     sched = next((p for p in (path / "scheduler").glob("scheduler_config.json")), None)
@@ -110,7 +146,8 @@ def base_facts(base: str) -> BaseFacts | None:
     factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
     size = unet.get("sample_size", 64)
     size = size[0] if isinstance(size, (list, tuple)) else int(size)
-    return BaseFacts(factor=factor, native_resolution=size * factor, num_train_timesteps=steps, unet_config=unet)
+    return BaseFacts(factor=factor, native_resolution=size * factor, num_train_timesteps=steps, unet_config=unet,
+                     pipeline=name)
 
 
 def trainable_bytes(facts: BaseFacts, train: str) -> int:

@@ -91,6 +91,12 @@ class TrainConfig:
     resume: bool = opt(False, "continue the run writing the same --out from its latest checkpoint", resume=False)
     logdir: str = opt("", "write TensorBoard logs to this folder", resume=False)
     class_image_steps: int = opt(50, "sampling steps for generated regularization images", lo=1, hi=1000)
+    delta_dtype: str = opt("auto", "precision of the stored weight changes: auto (float16 on SDXL, whose full "
+                           "K/V delta is 1.36 GB in float32; float32 otherwise), float32 or float16",
+                           choices=["auto", "float32", "float16"], resume=False)
+    compress_energy: float = opt(0.0, "compress the delta right after training: keep the smallest rank reaching "
+                                      "this fraction of the singular values (0 = store the full change; the "
+                                      "reference uses 0.6)", lo=0, hi=1.0, resume=False)
 
     def validate(self) -> None:
         """Choices and numeric ranges of every field (before anything loads)."""

@@ -239,20 +239,39 @@ def center_square(im: Image.Image, size: int) -> Image.Image:
     return im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
 
 
+def size_and_crop(photo: tuple[int, int], scale: int, window: tuple[int, int], size: int) -> torch.Tensor:
+    """SDXL time ids (6,) of a training image: the photo's real (height, width), where the S x S training window
+    starts in the photo rescaled so its centre square is `scale` wide (clamped at 0 for a pasted photo), and
+    (S, S). This is SDXL's convention (crop offsets in the rescaled image), applied to our rescale/crop/paste."""
+    w, h = photo
+    side = min(w, h)
+    top = round((h - side) / 2 * scale / side) + window[0]  # the centre-square crop, in rescaled pixels
+    left = round((w - side) / 2 * scale / side) + window[1]
+    return torch.tensor([h, w, max(top, 0), max(left, 0), size, size], dtype=torch.float32)
+
+
 def augment(im: Image.Image, prompt: str, size: int, factor: int, rng: np.random.Generator,
             enabled: bool = True, flip: bool = True) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """The reference's target-image augmentation: returns pixels (3,S,S), loss mask (S/f,S/f), prompt.
+    """The reference's target-image augmentation: returns pixels (3,S,S), loss mask (S/f,S/f), prompt."""
+    return augment_sized(im, prompt, size, factor, rng, enabled, flip)[:3]
+
+
+def augment_sized(im: Image.Image, prompt: str, size: int, factor: int, rng: np.random.Generator,
+                  enabled: bool = True, flip: bool = True) -> tuple[torch.Tensor, torch.Tensor, str, torch.Tensor]:
+    """`augment` plus the image's SDXL time ids (see size_and_crop): pixels, mask, prompt, time ids (6,).
 
     With p=2/3 rescale to U[S/3, S] and paste at a random place on a blank (grey) canvas, the mask covering
     the pasted region shrunk by one latent pixel (prompt prefixed "a far away"/"very small" below 0.6 S);
     otherwise rescale to U[1.2 S, 1.4 S] and random-crop, full mask, prefix "zoomed in"/"close up".
     """
+    photo = im.size
     im = center_square(im, im.width if im.width == im.height else min(im.size))
     if flip and rng.random() < 0.5:
         im = ImageOps.mirror(im)
     m = size // factor
     if not enabled:
-        return image_to_tensor(im.resize((size, size), Image.BICUBIC)), torch.ones(m, m), prompt
+        return (image_to_tensor(im.resize((size, size), Image.BICUBIC)), torch.ones(m, m), prompt,
+                size_and_crop(photo, size, (0, 0), size))
     if rng.random() < 2 / 3:
         scale = int(rng.integers(size // 3, size + 1))
     else:
@@ -264,6 +283,7 @@ def augment(im: Image.Image, prompt: str, size: int, factor: int, rng: np.random
         pixels = image_to_tensor(im.crop((left, top, left + size, top + size)))
         mask[:] = 1.0
         prompt = str(rng.choice(NEAR_PREFIXES)) + prompt
+        ids = size_and_crop(photo, scale, (top, left), size)
     else:
         top, left = (int(rng.integers(0, size - scale + 1)) for _ in range(2))
         pixels = torch.zeros(3, size, size)
@@ -277,7 +297,8 @@ def augment(im: Image.Image, prompt: str, size: int, factor: int, rng: np.random
             mask[r0:r1, c0:c1] = 1.0
         if scale < 0.6 * size:
             prompt = str(rng.choice(FAR_PREFIXES)) + prompt
-    return pixels, mask, prompt
+        ids = size_and_crop(photo, scale, (-top, -left), size)
+    return pixels, mask, prompt, ids
 
 
 class TrainData:
@@ -310,20 +331,25 @@ class TrainData:
         log.info("training data: %d target images, %d regularization images", len(self.instances), len(self.reg))
 
     def batch(self, seed: int, step: int, rank: int, batch_size: int) -> dict:
-        """Batch for one step: half target images, half regularization images (all target without reg)."""
+        """Batch for one step: half target images, half regularization images (all target without reg).
+
+        Keys: pixel_values (B, 3, S, S), mask (B, 1, S/f, S/f), prompts, time_ids (B, 6) (read on SDXL)."""
         rng = np.random.Generator(np.random.PCG64([seed, step, rank]))
         n_inst = batch_size // 2 if self.reg else batch_size
         n_reg = batch_size - n_inst if self.reg else 0
-        pixels, masks, prompts = [], [], []
+        pixels, masks, prompts, ids = [], [], [], []
         for i in rng.choice(len(self.instances), n_inst, replace=n_inst > len(self.instances)):
             im, prompt = self.instances[int(i)]
-            p, m, pr = augment(im, prompt, self.size, self.factor, rng, self.augment, self.flip)
+            p, m, pr, t = augment_sized(im, prompt, self.size, self.factor, rng, self.augment, self.flip)
             pixels.append(p)
             masks.append(m)
             prompts.append(pr)
+            ids.append(t)
         for i in rng.choice(len(self.reg), n_reg, replace=n_reg > len(self.reg)) if n_reg else []:
             im, caption = self.reg[int(i)]
             pixels.append(image_to_tensor(center_square(im, self.size)))
             masks.append(torch.ones(self.size // self.factor, self.size // self.factor))
             prompts.append(caption)
-        return {"pixel_values": torch.stack(pixels), "mask": torch.stack(masks).unsqueeze(1), "prompts": prompts}
+            ids.append(size_and_crop(im.size, self.size, (0, 0), self.size))
+        return {"pixel_values": torch.stack(pixels), "mask": torch.stack(masks).unsqueeze(1), "prompts": prompts,
+                "time_ids": torch.stack(ids)}

@@ -2,7 +2,8 @@
 
 See docs/FORMAT.md. Tensors are keyed by module path and token name, never by position:
 `unet.<path>.weight` (full change), `unet.<path>.weight.up`/`.down` (low-rank change = up @ down),
-`tokens.<token>` (the token's input-embedding row). Metadata is string-valued, JSON where structured.
+`tokens.<token>` (the token's input-embedding row), and on SDXL `tokens_2.<token>` (its row in the second text
+encoder). Metadata is string-valued, JSON where structured.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .conditioning import TextSide, is_xl, pipeline_name, sides
 from .errors import UserError
 from .outputs import atomic_path
 from .tokens import add_token_rows
@@ -30,6 +32,7 @@ FORMAT = "customdiff.delta"
 FORMAT_VERSION = "1"
 UNET_PREFIX = "unet."
 TOKEN_PREFIX = "tokens."
+TOKEN2_PREFIX = "tokens_2."  # SDXL: the token's row in text_encoder_2
 NORM_RTOL = 2e-3  # base tensors stored in another precision (fp16 vs fp32) still match within this
 
 
@@ -45,6 +48,11 @@ class Delta:
     config: dict[str, Any] = field(default_factory=dict)
     storage: str = "full"
     extra: dict[str, str] = field(default_factory=dict)  # more metadata (merge sources, residuals, ...)
+    tokens_2: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL: token -> row of text_encoder_2
+
+    def rows(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Token rows for one text side: `tokens` (text_encoder) or `tokens_2` (text_encoder_2)."""
+        return self.tokens if prefix == "tokens" else self.tokens_2
 
     def param_names(self) -> list[str]:
         """Names of the UNet parameters this delta changes."""
@@ -109,6 +117,7 @@ def save_delta(delta: Delta, path: str | Path) -> None:
     """Write a delta atomically as safetensors with self-describing metadata."""
     tensors = {UNET_PREFIX + k: v.detach().contiguous().cpu() for k, v in delta.weights.items()}
     tensors.update({TOKEN_PREFIX + k: v.detach().float().contiguous().cpu() for k, v in delta.tokens.items()})
+    tensors.update({TOKEN2_PREFIX + k: v.detach().float().contiguous().cpu() for k, v in delta.tokens_2.items()})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -119,6 +128,8 @@ def save_delta(delta: Delta, path: str | Path) -> None:
         "config": json.dumps(delta.config, default=str),
     }
     meta.update(delta.extra)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in delta.weights.values()})
+    meta["dtype"] = ",".join(dtypes) or "float32"  # of the weight changes (SDXL stores float16 by default)
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise UserError(f"{path}: not written: {bad[0]} holds NaN or infinite values (a diverged or broken "
@@ -168,14 +179,15 @@ def load_delta(path: str | Path) -> Delta:
                         f"(this customdiff reads version {FORMAT_VERSION}); upgrade customdiff")
     tensors = read_tensors(path)
     check_finite(tensors, path)
-    other = [k for k in tensors if not k.startswith((UNET_PREFIX, TOKEN_PREFIX))]
+    other = [k for k in tensors if not k.startswith((UNET_PREFIX, TOKEN_PREFIX, TOKEN2_PREFIX))]
     if other:
-        raise UserError(f"{path}: unexpected tensor {other[0]!r} (a delta holds only unet.* and tokens.*)")
+        raise UserError(f"{path}: unexpected tensor {other[0]!r} (a delta holds only unet.*, tokens.* and tokens_2.*)")
     if not tensors:
         raise UserError(f"{path}: holds no tensors; nothing to apply")
     weights = {k[len(UNET_PREFIX):]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
     tokens = {k[len(TOKEN_PREFIX):]: v for k, v in tensors.items() if k.startswith(TOKEN_PREFIX)}
-    known = {"format", "format_version", "storage", "trained", "base", "tokens", "config"}
+    tokens_2 = {k[len(TOKEN2_PREFIX):]: v for k, v in tensors.items() if k.startswith(TOKEN2_PREFIX)}
+    known = {"format", "format_version", "storage", "trained", "base", "tokens", "config", "dtype"}
     try:
         base, token_info, config = (json.loads(meta.get(k, d)) for k, d in
                                     (("base", "{}"), ("tokens", "[]"), ("config", "{}")))
@@ -183,7 +195,7 @@ def load_delta(path: str | Path) -> Delta:
         raise UserError(f"{path}: corrupt delta metadata ({str(e)[:120]})") from e
     delta = Delta(weights=weights, tokens=tokens, trained=meta.get("trained", ""), base=base,
                   token_info=token_info, config=config, storage=meta.get("storage", "full"),
-                  extra={k: v for k, v in meta.items() if k not in known})
+                  extra={k: v for k, v in meta.items() if k not in known}, tokens_2=tokens_2)
     _check_structure(delta, path)
     return delta
 
@@ -203,7 +215,10 @@ def _check_structure(d: Delta, path: Path) -> None:
     if not isinstance(d.base.get("fingerprint", {}), dict) or not all(
             isinstance(v, (int, float)) for v in d.base.get("fingerprint", {}).get("norms", {}).values()):
         raise UserError(f"{path}: corrupt delta metadata (base fingerprint)")
-    for tok, row in d.tokens.items():
+    if d.tokens_2 and set(d.tokens_2) != set(d.tokens):
+        raise UserError(f"{path}: tokens_2 rows {list(d.tokens_2)} do not match its token rows {list(d.tokens)} "
+                        "(an SDXL delta has both rows of every token)")
+    for tok, row in [*d.tokens.items(), *d.tokens_2.items()]:
         if not tok or row.dim() != 1 or not row.is_floating_point():
             raise UserError(f"{path}: token row {tok!r} must be a 1-D float tensor, got shape {tuple(row.shape)}")
     for k, t in d.weights.items():
@@ -222,48 +237,70 @@ def _check_structure(d: Delta, path: Path) -> None:
 
 
 class AppliedDeltas:
-    """Deltas applied to a pipeline; `remove()` restores the base exactly (weights, embedding, tokenizer)."""
+    """Deltas applied to a pipeline; `remove()` restores the base exactly (weights, embeddings, tokenizers)."""
 
-    def __init__(self, pipe: Any, saved: dict[str, torch.Tensor], tokenizer: Any, vocab_rows: int):
-        self.pipe, self._saved, self._tokenizer, self._rows = pipe, saved, tokenizer, vocab_rows
+    def __init__(self, pipe: Any, saved: dict[str, torch.Tensor], vocab: list[tuple[TextSide, Any, int]]):
+        self.pipe, self._saved, self._vocab = pipe, saved, vocab
 
     @torch.no_grad()
     def remove(self) -> None:
-        """Undo the deltas: original weights, tokenizer and embedding size."""
+        """Undo the deltas: original weights, tokenizers and embedding sizes."""
         params = dict(self.pipe.unet.named_parameters())
         for n, t in self._saved.items():
             params[n].data = t
-        self.pipe.text_encoder.resize_token_embeddings(self._rows, mean_resizing=False)
-        self.pipe.tokenizer = self._tokenizer
+        for side, tokenizer, rows in self._vocab:
+            getattr(self.pipe, side.encoder).resize_token_embeddings(rows, mean_resizing=False)
+            setattr(self.pipe, side.tokenizer, tokenizer)
+
+
+def _check_tokens(d: Delta, src: str, pipe: Any, owner: dict[str, str]) -> None:
+    """Token names free, one row per text encoder of the pipeline, each of its encoder's width."""
+    xl = is_xl(pipe)
+    if d.tokens_2 and not xl:
+        raise UserError(f"{src}: made for Stable Diffusion XL (it has tokens_2 rows); this base is "
+                        f"{pipeline_name(pipe)}; use the base it was trained on")
+    made_for = d.base.get("pipeline")
+    if made_for and made_for != pipeline_name(pipe):
+        raise UserError(f"{src}: made for a {made_for}, this base is a {pipeline_name(pipe)}; use the base it was "
+                        "trained on")
+    if xl and d.tokens and not d.tokens_2:
+        raise UserError(f"{src}: has token rows for one text encoder only ({', '.join(d.tokens)}); an SDXL base "
+                        "needs both (tokens_2.*); use an SDXL delta")
+    for tok in d.tokens:
+        if tok in owner:
+            raise UserError(f"{src}: token {tok} is also defined by {owner[tok]}; merge them with "
+                            "`customdiff merge`, which renames clashing tokens")
+        owner[tok] = src
+        for side in sides(pipe):
+            if tok in getattr(pipe, side.tokenizer).get_vocab():
+                raise UserError(f"{src}: token {tok} already exists in the base vocabulary; rename it")
+            width = getattr(pipe, side.encoder).get_input_embeddings().weight.shape[1]
+            row = d.rows(side.prefix)[tok]
+            if row.shape[-1] != width:
+                raise UserError(f"{src}: token {tok} has embedding width {row.shape[-1]} for {side.encoder}, the "
+                                f"base {width}; use the base it was trained on")
 
 
 @torch.no_grad()
 def apply_deltas(pipe: Any, deltas: Sequence[Delta], sources: Sequence[str] | None = None) -> AppliedDeltas:
-    """Add each delta's weight change and tokens to `pipe` (changes of several deltas sum)."""
+    """Add each delta's weight change and tokens to `pipe` (changes of several deltas sum); on SDXL each token
+    goes into both tokenizers and both text encoders."""
     sources = list(sources) if sources is not None else [f"delta {i}" for i in range(len(deltas))]
     owner: dict[str, str] = {}
     for d, src in zip(deltas, sources, strict=True):
         check_base(d, pipe.unet, src)
-        for tok in d.tokens:
-            if tok in owner:
-                raise UserError(f"{src}: token {tok} is also defined by {owner[tok]}; merge them with "
-                                "`customdiff merge`, which renames clashing tokens")
-            if tok in pipe.tokenizer.get_vocab():
-                raise UserError(f"{src}: token {tok} already exists in the base vocabulary; rename it")
-            width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-            if d.tokens[tok].shape[-1] != width:
-                raise UserError(f"{src}: token {tok} has embedding width {d.tokens[tok].shape[-1]}, the base "
-                                f"{width}; use the base it was trained on")
-            owner[tok] = src
+        _check_tokens(d, src, pipe, owner)
     params = dict(pipe.unet.named_parameters())
     saved: dict[str, torch.Tensor] = {}
-    tokenizer, rows = copy.deepcopy(pipe.tokenizer), pipe.text_encoder.get_input_embeddings().num_embeddings
+    vocab = [(side, copy.deepcopy(getattr(pipe, side.tokenizer)),
+              getattr(pipe, side.encoder).get_input_embeddings().num_embeddings) for side in sides(pipe)]
     for d in deltas:
         for n in d.param_names():
             p = params[n]
             saved.setdefault(n, p.data)
             p.data = (p.data.float() + d.change(n).to(p.device).float()).to(p.dtype)
-    new_tokens = {tok: row for d in deltas for tok, row in d.tokens.items()}
-    if new_tokens:
-        add_token_rows(pipe.tokenizer, pipe.text_encoder, new_tokens)
-    return AppliedDeltas(pipe, saved, tokenizer, rows)
+    for side in sides(pipe):
+        new_tokens = {tok: row for d in deltas for tok, row in d.rows(side.prefix).items()}
+        if new_tokens:
+            add_token_rows(getattr(pipe, side.tokenizer), getattr(pipe, side.encoder), new_tokens)
+    return AppliedDeltas(pipe, saved, vocab)

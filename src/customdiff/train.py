@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 
 from .base import base_facts, load_pipeline, trainable_bytes
 from .classimages import default_cache_dir, ensure_class_images
+from .compress import compress_delta
+from .conditioning import is_xl, pipeline_name, sides, tokenize
 from .config import TrainConfig
 from .data import ConceptSpec, TrainData, validate_concepts
 from .delta import Delta, atomic_save, base_fingerprint, check_finite, read_metadata, read_tensors, save_delta
@@ -24,7 +26,7 @@ from .model import CustomDiffusion
 from .outputs import make_dirs
 from .surgery import detach_start_token, freeze_except, trainable_names
 from .tokens import TokenRows, add_tokens, default_initializers
-from .validate import check_free_space, check_multiple, check_out_file, deferred_warnings
+from .validate import check_free_space, check_multiple, check_out_file, deferred_warnings, human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,14 @@ class TrainingStopped(Exception):
     def __init__(self, step: int, checkpoint: Path):
         super().__init__(f"training stopped at step {step}; checkpoint in {checkpoint}")
         self.step, self.checkpoint = step, checkpoint
+
+
+def storage_dtype(cfg: TrainConfig, pipe: Any) -> torch.dtype:
+    """The dtype the weight changes are stored in: --delta-dtype, or by default float16 on SDXL (a full K/V
+    delta is 1.36 GB in float32 there) and float32 otherwise."""
+    if cfg.delta_dtype == "auto":
+        return torch.float16 if is_xl(pipe) else torch.float32
+    return getattr(torch, cfg.delta_dtype)
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -175,10 +185,16 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
         next((s.initializer for s in specs if t in s.tokens and s.initializer), None) for t in tokens]
     defaults = iter(default_initializers(tokenizer, sum(w is None for w in inits)))
     inits = [w if w is not None else next(defaults) for w in inits]
-    text_encoder.requires_grad_(False)
     vae.requires_grad_(False)
-    token_ids = add_tokens(tokenizer, text_encoder, tokens, inits)
-    token_rows = TokenRows(text_encoder.get_input_embeddings(), token_ids)
+    # one trainable row per token and text encoder (SDXL: both), each started from the word in its own encoder
+    rows_by_side: dict[str, TokenRows] = {}
+    for side in sides(pipe):
+        enc = getattr(pipe, side.encoder)
+        enc.requires_grad_(False)
+        ids = add_tokens(getattr(pipe, side.tokenizer), enc, tokens, inits)
+        rows_by_side[side.prefix] = TokenRows(enc.get_input_embeddings(), ids)
+    token_rows, token_rows_2 = rows_by_side["tokens"], rows_by_side.get("tokens_2")
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None) if token_rows_2 is not None else None
 
     names = trainable_names(unet, cfg.train)
     base_values = {n: p.detach().float().cpu().clone() for n, p in unet.named_parameters() if n in set(names)}
@@ -188,11 +204,13 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     hooks = detach_start_token(unet) if cfg.train in ("crossattn_kv", "crossattn") else []
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        enable = getattr(text_encoder, "activation_checkpointing_enable", None) or text_encoder.gradient_checkpointing_enable
-        enable()  # transformers 5 renamed it
-    model = CustomDiffusion(unet, text_encoder, vae, pipe.scheduler, token_rows).to(accelerator.device)
+        for enc in (text_encoder, text_encoder_2) if text_encoder_2 is not None else (text_encoder,):
+            enable = getattr(enc, "activation_checkpointing_enable", None) or enc.gradient_checkpointing_enable
+            enable()  # transformers 5 renamed it
+    model = CustomDiffusion(unet, text_encoder, vae, pipe.scheduler, token_rows, text_encoder_2,
+                            token_rows_2).to(accelerator.device)
     model.train()
-    params = {**trainable, "<tokens>": token_rows.rows}
+    params = {**trainable, **{f"<{prefix}>": r.rows for prefix, r in rows_by_side.items()}}
 
     world = accelerator.num_processes
     lr = cfg.learning_rate * (cfg.batch_size * cfg.gradient_accumulation * world if cfg.scale_lr else 1)
@@ -216,12 +234,13 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
         for micro in range(cfg.gradient_accumulation):
             key = step * cfg.gradient_accumulation + micro
             batch = data.batch(cfg.seed, key, rank, cfg.batch_size)
-            ids = tokenizer(batch["prompts"], padding="max_length", truncation=True,
-                            max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+            ids = tokenize([getattr(pipe, side.tokenizer) for side in sides(pipe)], batch["prompts"])
+            xl = {"input_ids_2": ids[1].to(accelerator.device), "time_ids": batch["time_ids"].to(accelerator.device)
+                  } if len(ids) > 1 else {}
             gen = torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + key * 7919 + rank)
             with accelerator.accumulate(model):
-                loss = model(batch["pixel_values"].to(accelerator.device), ids.to(accelerator.device),
-                             batch["mask"].to(accelerator.device), generator=gen)
+                loss = model(batch["pixel_values"].to(accelerator.device), ids[0].to(accelerator.device),
+                             batch["mask"].to(accelerator.device), generator=gen, **xl)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
@@ -245,22 +264,31 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     bar.close()
     for h in hooks:
         h.remove()
-    token_rows.remove()
-    token_rows.write_back(text_encoder.get_input_embeddings())
+    for side in sides(pipe):
+        rows_by_side[side.prefix].remove()
+        rows_by_side[side.prefix].write_back(getattr(pipe, side.encoder).get_input_embeddings())
     if cfg.logdir:
         accelerator.end_training()
 
     if is_main:
+        store = storage_dtype(cfg, pipe)
+        final = {prefix: r.rows.detach().float().cpu() for prefix, r in rows_by_side.items()}
         delta = Delta(
-            weights={n: (p.detach().float().cpu() - base_values[n]) for n, p in trainable.items()},
-            tokens={t: token_rows.rows.detach().float().cpu()[i] for i, t in enumerate(tokens)},
+            weights={n: (p.detach().float().cpu() - base_values[n]).to(store) for n, p in trainable.items()},
+            tokens={t: final["tokens"][i] for i, t in enumerate(tokens)},
+            tokens_2={t: final["tokens_2"][i] for i, t in enumerate(tokens)} if "tokens_2" in final else {},
             trained=cfg.train,
-            base={"name": cfg.base, "fingerprint": fingerprint, "vocab_size": len(tokenizer) - len(tokens)},
+            base={"name": cfg.base, "fingerprint": fingerprint, "vocab_size": len(tokenizer) - len(tokens),
+                  "pipeline": pipeline_name(pipe)},
             token_info=[{"token": t, "initializer": w, "class": next(s.class_word() for s in specs if t in s.tokens)}
                         for t, w in zip(tokens, inits, strict=True)],
             config={**cfg.to_dict(), "concepts": [asdict(s) for s in specs], "resolution": size,
                     "effective_learning_rate": lr, "num_processes": world})
+        if cfg.compress_energy:
+            delta = compress_delta(delta, energy=cfg.compress_energy)
         save_delta(delta, out)
+        log.info("delta: %s of %s weight changes, %s", delta.storage, str(store).removeprefix("torch."),
+                 human_bytes(out.stat().st_size))
         shutil.rmtree(ckpt, ignore_errors=True)
         log.info("wrote %s", out)
     accelerator.wait_for_everyone()
