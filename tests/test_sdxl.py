@@ -202,3 +202,130 @@ def test_time_ids_follow_each_augmented_image():
     assert len(seen) > 5
     # no augmentation: SDXL's centre crop of a 60 x 40 photo at 32 px starts 8 px from the left
     assert size_and_crop((60, 40), 32, (0, 0), 32).tolist() == [40, 60, 0, 8, 32, 32]
+
+
+def test_train_compress_energy_and_generated_class_images(tiny_xl_base, concept_dirs, tmp_path):
+    out = tmp_path / "c.safetensors"
+    assert main(["train", "--base", tiny_xl_base, "--concept", concept_dirs["a"], "--instance-prompt", PROMPT,
+                 "--class-prompt", "photo of a cat", "--num-class-images", "2", "--class-image-steps", "2",
+                 "--steps", "1", "--batch-size", "2", "--compress-energy", "0.6", "-o", str(out)]) == 0
+    d = load_delta(out)
+    assert d.storage == "lowrank" and json.loads(d.extra["compression"])["energy"] == 0.6
+    assert d.tokens_2 and all(k.endswith((".up", ".down")) for k in d.weights)
+
+
+# ---------------------------------------------------------------- merge, compress, export
+
+
+def _np(images):
+    return np.stack([np.asarray(im, dtype=np.float32) for im in images])
+
+
+def test_merge_two_sdxl_deltas_in_the_concatenated_space(tiny_xl_base, tmp_path):
+    from customdiff.merge import merge_deltas, read_captions
+
+    a, b = crafted_delta(tiny_xl_base, seed=1), crafted_delta(tiny_xl_base, seed=2, token="<new2>")
+    b.token_info[0]["class"], b.config = "dog", {"concepts": [{"instance_prompt": "photo of a <new2> dog"}]}
+    pipe = load_pipeline(tiny_xl_base)
+    merged = merge_deltas([a, b], pipe, read_captions()[:60], sources=["a", "b"], base_name=tiny_xl_base)
+    res = json.loads(merged.extra["merge_residuals"])
+    assert len(res) == 16 and max(r["constraint_of_change"] for r in res.values()) < 1e-5  # float64 solve
+    assert min(r["average_constraint_of_change"] for r in res.values()) > 0.1  # averaging would miss them
+    assert set(merged.tokens_2) == {"<new1>", "<new2>"} and merged.base["pipeline"] == "StableDiffusionXLPipeline"
+    path = tmp_path / "m.safetensors"
+    save_delta(merged, path)
+    apply_deltas(pipe, [load_delta(path)]).remove()
+
+
+def test_sdxl_merge_and_compress_cli(tiny_xl_base, xl_delta, tmp_path):
+    other = crafted_delta(tiny_xl_base, seed=3, token="<new2>")
+    save_delta(other, tmp_path / "b.safetensors")
+    cap = tmp_path / "caps.txt"
+    cap.write_text("\n".join(["a red dog", "a cat on grass", "the blue cat", "a green dog and a cat"] * 3))
+    assert main(["merge", xl_delta, str(tmp_path / "b.safetensors"), "--base", tiny_xl_base, "--reg-captions",
+                 str(cap), "-o", str(tmp_path / "m.safetensors")]) == 0
+    assert main(["compress", str(tmp_path / "m.safetensors"), "--rank", "2", "-o", str(tmp_path / "c.safetensors")]) == 0
+    c = load_delta(tmp_path / "c.safetensors")
+    assert c.storage == "lowrank" and set(c.tokens_2) == {"<new1>", "<new2>"}
+    assert main(["sample", "--base", tiny_xl_base, "--delta", str(tmp_path / "c.safetensors"), "--prompt",
+                 "a <new2> dog", "--n", "1", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
+
+
+@pytest.mark.parametrize("storage", ["full", "lowrank"])
+def test_diffusers_lora_export_reproduces_in_stock_sdxl(tiny_xl_base, xl_delta, tmp_path, storage):
+    from customdiff.compress import compress_delta
+    from customdiff.interop import LORA_FILE, export_delta
+
+    delta = load_delta(xl_delta)
+    if storage == "lowrank":
+        delta = compress_delta(delta, rank=3)
+    pipe = load_pipeline(tiny_xl_base)
+    applied = apply_deltas(pipe, [delta])
+    ours = _np(_stock_images(pipe))
+    applied.remove()
+    out = export_delta(delta, "diffusers-lora", tmp_path / "export")
+    manifest = json.loads((out / "customdiff_export.json").read_text())
+    assert manifest["pipeline"] == "StableDiffusionXLPipeline" and set(manifest["tokens_2"]) == {"<new1>"}
+    stock = _stock(tiny_xl_base)
+    stock.load_lora_weights(str(out), weight_name=LORA_FILE)
+    for tok, f in manifest["tokens"].items():
+        stock.load_textual_inversion(str(out / f), token=tok)
+    for tok, f in manifest["tokens_2"].items():
+        stock.load_textual_inversion(str(out / f), token=tok, text_encoder=stock.text_encoder_2,
+                                     tokenizer=stock.tokenizer_2)
+    assert np.abs(ours - _np(_stock_images(stock))).max() <= 1  # uint8 images: float rounding at most
+
+
+def test_kohya_export_sdxl_names_and_clip_l_g_embedding(tiny_xl_base, xl_delta, tmp_path):
+    from safetensors.torch import load_file
+
+    from customdiff.compress import compress_delta
+    from customdiff.interop import KOHYA_FILE
+
+    delta = compress_delta(load_delta(xl_delta), rank=4)  # one rank everywhere (diffusers' kohya reader)
+    save_delta(delta, tmp_path / "r4.safetensors")
+    assert main(["export", str(tmp_path / "r4.safetensors"), "--to", "kohya", "--base", tiny_xl_base,
+                 "-o", str(tmp_path / "k")]) == 0
+    state = load_file(str(tmp_path / "k" / KOHYA_FILE))
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k.lora_down.weight" in state  # SGM names
+    assert "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v.alpha" in state
+    emb = load_file(str(tmp_path / "k" / "new1.safetensors"))
+    assert set(emb) == {"clip_l", "clip_g"} and emb["clip_g"].shape == (1, 48)
+    assert torch.equal(emb["clip_l"][0], delta.tokens["<new1>"])
+    # stock diffusers reads the kohya SDXL LoRA and, as its docs show, the clip_l/clip_g embedding
+    pipe = load_pipeline(tiny_xl_base)
+    applied = apply_deltas(pipe, [delta])
+    ours = _np(_stock_images(pipe))
+    applied.remove()
+    stock = _stock(tiny_xl_base)
+    stock.load_lora_weights(str(tmp_path / "k"), weight_name=KOHYA_FILE)
+    stock.load_textual_inversion(emb["clip_l"], token="<new1>", text_encoder=stock.text_encoder,
+                                 tokenizer=stock.tokenizer)
+    stock.load_textual_inversion(emb["clip_g"], token="<new1>", text_encoder=stock.text_encoder_2,
+                                 tokenizer=stock.tokenizer_2)
+    assert np.abs(ours - _np(_stock_images(stock))).max() <= 1
+
+
+# ---------------------------------------------------------------- import
+
+
+def test_import_official_sdxl_delta_bin_equals_applying_it_by_hand(tiny_xl_base, xl_delta, tmp_path):
+    d = load_delta(xl_delta)
+    pipe = load_pipeline(tiny_xl_base)
+    params = dict(pipe.unet.named_parameters())
+    full = {n: (params[n].detach() + d.change(n).float()).clone() for n in d.param_names()}
+    rows = {"<new1>": [d.tokens["<new1>"].clone(), d.tokens_2["<new1>"].clone()]}
+    torch.save({"unet": full, "modifier_token": rows}, tmp_path / "delta.bin")  # the reference SDXL layout
+    out = tmp_path / "imported.safetensors"
+    assert main(["import", str(tmp_path / "delta.bin"), "--base", tiny_xl_base, "--class-word", "cat",
+                 "-o", str(out)]) == 0
+    got = load_delta(out)
+    assert got.base["pipeline"] == "StableDiffusionXLPipeline" and torch.equal(got.tokens_2["<new1>"], rows["<new1>"][1])
+    applied = apply_deltas(pipe, [got])
+    ours = _np(_stock_images(pipe))
+    applied.remove()
+    theirs = _np(_stock_images(_by_hand(_stock(tiny_xl_base), full, {"<new1>": tuple(rows["<new1>"])})))
+    assert np.array_equal(ours, theirs)
+    # one row per token (an SD delta) does not fit an SDXL base
+    torch.save({"unet": full, "modifier_token": {"<new1>": rows["<new1>"][0]}}, tmp_path / "sd.bin")
+    assert main(["import", str(tmp_path / "sd.bin"), "--base", tiny_xl_base, "-o", str(tmp_path / "x.safetensors")]) == 2

@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 def delta_nbytes(delta: Delta) -> int:
     """Bytes of the delta's tensors (weights and tokens) as stored."""
-    return sum(t.numel() * t.element_size() for t in [*delta.weights.values(), *delta.tokens.values()])
+    tensors = [*delta.weights.values(), *delta.tokens.values(), *delta.tokens_2.values()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def choose_rank(s: Tensor, energy: float | None = None, rank: int | None = None) -> int:
@@ -54,6 +55,7 @@ def compress_delta(delta: Delta, energy: float | None = None, rank: int | None =
         ranks[name] = r
     out = Delta(weights=weights, tokens=dict(delta.tokens), trained=delta.trained, base=dict(delta.base),
                 token_info=list(delta.token_info), config=dict(delta.config), storage="lowrank",
+                tokens_2=dict(delta.tokens_2),
                 extra={**delta.extra, "compression": json.dumps({"energy": energy, "rank": rank, "ranks": ranks})})
     before, after = delta_nbytes(delta), delta_nbytes(out)
     log.info("compressed %d matrices to ranks %d-%d: %.1f KiB -> %.1f KiB (%.1f%%)", len(ranks),

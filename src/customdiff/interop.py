@@ -1,8 +1,11 @@
 """Other ecosystems' formats: export to diffusers LoRA / kohya LoRA + embeddings, import the reference repo's deltas.
 
-Export writes a LoRA whose B @ A equals the delta's change (exactly, at full rank) plus one embedding file per
-token. Import reads the reference repo's `delta.ckpt` (CompVis) and `delta.bin` (diffusers) files with
-`torch.load(weights_only=True)` only, and turns their fine-tuned weights into changes against a base.
+Export writes a LoRA whose B @ A equals the delta's change (exactly, at full rank) plus embedding files per
+token (SDXL: one row per text encoder). Import reads the reference repo's `delta.ckpt` (CompVis) and `delta.bin`
+(diffusers, SD and SDXL) files and the output of diffusers' Custom Diffusion example (a folder with
+`pytorch_custom_diffusion_weights.safetensors`/`.bin` and one `<token>.safetensors`/`.bin` per token), with
+safetensors or `torch.load(weights_only=True)` only, and turns their fine-tuned weights into changes against a
+base.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .conditioning import SD_PIPELINE, XL_PIPELINE, is_xl, pipeline_name, sides
 from .delta import Delta, base_fingerprint
 from .errors import UserError
 from .outputs import staged
@@ -28,6 +32,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
 MANIFEST = "customdiff_export.json"
 EXPORT_FORMATS = ("diffusers-lora", "kohya")
+EXAMPLE_WEIGHTS = "pytorch_custom_diffusion_weights"  # diffusers' Custom Diffusion example: + .safetensors / .bin
 
 
 # ---------------------------------------------------------------- export
@@ -74,14 +79,23 @@ def diffusers_lora_state(delta: Delta) -> dict[str, Tensor]:
     return state
 
 
-def kohya_lora_state(delta: Delta) -> dict[str, Tensor]:
-    """`lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` / `.alpha` (= rank, so the scale is 1)."""
+def kohya_lora_state(delta: Delta, unet_config: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+    """`lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` / `.alpha` (= rank, so the scale is 1).
+
+    With `unet_config` (SDXL), modules are named as kohya's sd-scripts name SDXL ones, after the original
+    (SGM) layout: `lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k`."""
     state = {}
     for n in delta.param_names():
         if n.endswith(".bias"):
             raise UserError(f"kohya LoRA files hold no bias changes ({n}); export --to diffusers-lora instead")
         B, A = lora_factors(delta, n)
-        key = "lora_unet_" + _module(n).replace(".", "_")
+        module = _module(n)
+        if unet_config is not None:
+            sgm = diffusers_to_compvis(n, unet_config)
+            if sgm is None:
+                raise UserError(f"{n}: no kohya (SGM) name for this module")
+            module = _module(sgm.removeprefix("model.diffusion_model."))
+        key = "lora_unet_" + module.replace(".", "_")
         state[key + ".lora_down.weight"] = A.contiguous()
         state[key + ".lora_up.weight"] = B.contiguous()
         state[key + ".alpha"] = torch.tensor(float(A.shape[0]))
@@ -98,16 +112,33 @@ def _write_dir(files: Mapping[str, tuple[dict[str, Tensor], dict[str, str]]], ma
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
-def export_delta(delta: Delta, to: str, out: str | Path) -> Path:
-    """Write `delta` as a diffusers or kohya LoRA plus one embedding file per token into folder `out`."""
+def _xl_unet_config(delta: Delta) -> dict[str, Any]:
+    """The block layout of an SDXL delta's UNet, read from its module names (for SGM names in kohya files)."""
+    names = delta.param_names()
+    blocks = {int(n.split(".")[1]) for n in names if n.startswith(("down_blocks.", "up_blocks."))}
+    n_blocks = max(blocks, default=2) + 1
+    # SDXL-style layouts: attention in all but the first down block; two resnets per block (SDXL's own) unless
+    # the names show another count
+    layers = max((int(n.split(".")[3]) for n in names if n.startswith("down_blocks.")), default=1) + 1
+    return {"down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n_blocks - 1),
+            "up_block_types": ["CrossAttnUpBlock2D"] * (n_blocks - 1) + ["UpBlock2D"], "layers_per_block": layers}
+
+
+def export_delta(delta: Delta, to: str, out: str | Path, unet_config: Mapping[str, Any] | None = None) -> Path:
+    """Write `delta` as a diffusers or kohya LoRA plus embedding files per token into folder `out`.
+
+    SDXL deltas (token rows for both encoders) get, for diffusers, a second `{token: row}` file per token for
+    text_encoder_2, and for kohya one `{"clip_l": row, "clip_g": row}` file per token and SGM module names
+    (`unet_config`, when given, is the base UNet's config; else the layout is read from the names)."""
     out = Path(out)
     if to not in EXPORT_FORMATS:
         raise UserError(f"--to {to!r} is unknown; choose one of {', '.join(EXPORT_FORMATS)}")
     if not delta.param_names() and not delta.tokens:
         raise UserError("the delta is empty; nothing to export")
     meta = {"customdiff_base": json.dumps(delta.base.get("name", "")), "customdiff_trained": delta.trained}
+    xl = bool(delta.tokens_2) or delta.base.get("pipeline") == XL_PIPELINE
     files: dict[str, tuple[dict[str, Tensor], dict[str, str]]] = {}
-    tokens = {}
+    tokens, tokens_2 = {}, {}
     if to == "diffusers-lora":
         lora_name = LORA_FILE
         files[lora_name] = (diffusers_lora_state(delta), meta)
@@ -115,19 +146,31 @@ def export_delta(delta: Delta, to: str, out: str | Path) -> Path:
             fname = _token_filename(tok, i)
             files[fname] = ({tok: row.float().contiguous()}, {})
             tokens[tok] = fname
+            if tok in delta.tokens_2:  # SDXL: the row of text_encoder_2 in its own file
+                fname_2 = fname.removesuffix(".safetensors") + "_2.safetensors"
+                files[fname_2] = ({tok: delta.tokens_2[tok].float().contiguous()}, {})
+                tokens_2[tok] = fname_2
         how = [f'pipe.load_lora_weights(DIR, weight_name="{lora_name}")'] + [
-            f'pipe.load_textual_inversion("DIR/{f}", token="{t}")' for t, f in tokens.items()]
+            f'pipe.load_textual_inversion("DIR/{f}", token="{t}")' for t, f in tokens.items()] + [
+            f'pipe.load_textual_inversion("DIR/{f}", token="{t}", text_encoder=pipe.text_encoder_2, '
+            'tokenizer=pipe.tokenizer_2)' for t, f in tokens_2.items()]
     else:
         lora_name = KOHYA_FILE
-        files[lora_name] = (kohya_lora_state(delta), {**meta, "ss_network_module": "networks.lora"})
+        config = (unet_config or _xl_unet_config(delta)) if xl else None
+        files[lora_name] = (kohya_lora_state(delta, config), {**meta, "ss_network_module": "networks.lora"})
         for i, (tok, row) in enumerate(delta.tokens.items()):
             fname = _token_filename(tok, i)  # A1111 and ComfyUI name the embedding after the file
-            files[fname] = ({"emb_params": row.float().reshape(1, -1).contiguous()}, {})
+            if xl:  # the SDXL embedding layout of A1111, ComfyUI and diffusers' docs
+                files[fname] = ({"clip_l": row.float().reshape(1, -1).contiguous(),
+                                 "clip_g": delta.tokens_2[tok].float().reshape(1, -1).contiguous()}, {})
+            else:
+                files[fname] = ({"emb_params": row.float().reshape(1, -1).contiguous()}, {})
             tokens[tok] = fname
         how = ["AUTOMATIC1111/ComfyUI: put the LoRA in models/Lora and each embedding in embeddings/; write "
                "<lora:lora_kohya:1> and the embedding's file name (e.g. new1) in the prompt"]
     ranks = sorted({int(t.shape[0]) for k, t in files[lora_name][0].items() if "lora_A" in k or "lora_down" in k})
-    manifest = {"format": to, "lora": lora_name, "tokens": tokens, "base": delta.base.get("name", ""),
+    manifest = {"format": to, "lora": lora_name, "tokens": tokens, **({"tokens_2": tokens_2} if tokens_2 else {}),
+                "pipeline": XL_PIPELINE if xl else SD_PIPELINE, "base": delta.base.get("name", ""),
                 "trained": delta.trained, "ranks": ranks, "scale": 1.0, "how_to_load": how}
     _write_dir(files, manifest, out)
     log.info("exported %d LoRA tensors (ranks %s) and %d embeddings to %s", len(files[lora_name][0]), ranks,
@@ -202,13 +245,17 @@ def _safetensors_metadata(path: Path) -> dict[str, str] | None:
 
 
 def _safe_load(path: Path) -> Any:
+    """A file's content: safetensors (whatever its name: diffusers' example writes safetensors as `<token>.bin`)
+    or a torch pickle read with weights_only=True (tensors and plain containers only; nothing in it runs)."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     meta = _safetensors_metadata(path)
     if meta is not None:
         if meta.get("format") == "customdiff.delta":
             raise UserError(f"{path}: already a customdiff delta; use it directly")
-        raise UserError(f"{path}: a safetensors file, not a reference delta (delta.ckpt or delta.bin)")
+        from .delta import read_tensors
+
+        return read_tensors(path)
     try:
         # weights_only: tensors and plain containers only; any other pickled object is refused, never run
         return torch.load(str(path), map_location="cpu", weights_only=True)
@@ -216,6 +263,57 @@ def _safe_load(path: Path) -> Any:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: refused: not a reference delta that loads with weights_only=True "
                         f"(tensors and plain containers only): {first[:200]}") from e
+
+
+_TOKEN_FILE_MAX = 64 << 20  # a token file holds one row (KBs); bigger files beside the weights are not looked at
+
+
+def _token_file(path: Path, strict: bool) -> tuple[str, Tensor] | None:
+    """The (token, row) of a diffusers-example token file `{token: row}`; None (or, if `strict`, an error)
+    for anything else."""
+    try:
+        if not strict and path.stat().st_size > _TOKEN_FILE_MAX:
+            return None
+        obj = _safe_load(path)
+    except UserError:
+        if strict:
+            raise
+        return None
+    ok = isinstance(obj, Mapping) and len(obj) == 1
+    tok, row = next(iter(obj.items())) if ok else (None, None)
+    if not (ok and isinstance(tok, str) and isinstance(row, Tensor) and row.is_floating_point()
+            and row.numel() == row.shape[-1] and row.numel() > 1):
+        if strict:
+            raise UserError(f"{path}: not a token file (one {{token: row}} entry, as diffusers' example writes)")
+        return None
+    return tok, _tensor(row, f"token {tok}", path).float().reshape(-1)
+
+
+def _inputs(given: str | Path | Sequence[str | Path]) -> tuple[Path, list[Path], bool]:
+    """(main file, token files, whether the token files were named by the user) of what `import` was given:
+    a reference delta file; a diffusers-example folder; or its weights file (token files found beside it)
+    with, optionally, its token files."""
+    paths = [Path(given)] if isinstance(given, (str, Path)) else [Path(p) for p in given]
+    if not paths:
+        raise UserError("import: give a file or folder")
+    if paths[0].is_dir():
+        if len(paths) > 1:
+            raise UserError(f"{paths[0]}: a folder; give the folder alone, or the files themselves")
+        folder = paths[0]
+        names = [f"{EXAMPLE_WEIGHTS}.safetensors", f"{EXAMPLE_WEIGHTS}.bin", "delta.bin", "delta.ckpt"]
+        main = next((folder / n for n in names if (folder / n).is_file()), None)
+        if main is None:
+            raise UserError(f"{folder}: holds none of {', '.join(names)}; give a Custom Diffusion output folder "
+                            "or file")
+        paths = [main]
+    main, rest = paths[0], paths[1:]
+    if any(p.is_dir() for p in rest):
+        raise UserError(f"{next(p for p in rest if p.is_dir())}: a folder; give the folder alone, or files")
+    if rest or not main.name.startswith(EXAMPLE_WEIGHTS):
+        return main, rest, True
+    found = sorted(p for p in main.parent.iterdir() if p.is_file() and not p.name.startswith((".", EXAMPLE_WEIGHTS))
+                   and p.suffix in (".bin", ".safetensors"))
+    return main, found, False
 
 
 def _tensor(value: Any, where: str, path: Path) -> Tensor:
@@ -259,28 +357,53 @@ def _parse(obj: Any, path: Path) -> tuple[dict[str, Any], dict[str, Tensor] | Te
                     "not a reference Custom Diffusion delta")
 
 
-def read_reference(path: str | Path) -> tuple[dict[str, Any], Any, str]:
-    """Load and check a reference-repo delta without a base: (UNet entries, tokens, format); every tensor
-    finite. Run at the door, before the base loads."""
-    path = Path(path)
-    unet_entries, embed, fmt = _parse(_safe_load(path), path)
+def _rows(value: Any, where: str, path: Path) -> list[Tensor]:
+    """A modifier token's rows: one tensor (SD), or a list of one row per text encoder (the SDXL delta.bin)."""
+    if isinstance(value, (list, tuple)):
+        if not 1 <= len(value) <= 2:
+            raise UserError(f"{path}: {where} holds {len(value)} rows; expected one per text encoder (1 or 2)")
+        return [_tensor(v, where, path).float().reshape(-1) for v in value]
+    return [_tensor(value, where, path).float().reshape(-1)]
+
+
+def read_reference(path: str | Path | Sequence[str | Path]) -> tuple[dict[str, Any], Any, str]:
+    """Load and check a Custom Diffusion delta without a base: (UNet entries, tokens, format); every tensor
+    finite. `path`: a reference delta.ckpt/delta.bin, or diffusers' example output (its folder, its weights
+    file, or the weights file and its token files). Run at the door, before the base loads."""
+    main, token_files, named = _inputs(path)
+    unet_entries, embed, fmt = _parse(_safe_load(main), main)
     for key, value in unet_entries.items():
-        _tensor(value, str(key), path)
+        _tensor(value, str(key), main)
     if isinstance(embed, Mapping):
         for tok, row in embed.items():
-            _tensor(row, f"modifier_token {tok}", path)
+            _rows(row, f"modifier_token {tok}", main)
     elif embed is not None:
-        _tensor(embed, "embed", path)
+        _tensor(embed, "embed", main)
+    if token_files:
+        if fmt != "diffusers-attn-procs":
+            raise UserError(f"{main}: token files go with diffusers' {EXAMPLE_WEIGHTS} file only; a reference "
+                            "delta holds its tokens")
+        found = [t for t in (_token_file(p, strict=named) for p in token_files) if t is not None]
+        embed = dict(found)
+        if len(embed) < len(found):
+            raise UserError(f"{main.parent}: two token files hold the same token; keep one")
+        fmt = "diffusers-example"
+        log.info("%s: token files %s", main, [p.name for p in token_files if named] or sorted(embed))
+    if fmt.startswith("diffusers-") and not embed:
+        log.warning("%s: no token files (<token>.safetensors or .bin) found; the imported delta has no modifier "
+                    "token", main)
     return unet_entries, embed, fmt
 
 
 @torch.no_grad()
-def import_reference(path: str | Path, pipe: Any, base_name: str,
+def import_reference(path: str | Path | Sequence[str | Path], pipe: Any, base_name: str,
                      class_words: Sequence[str] | None = None,
                      loaded: tuple[dict[str, Any], Any, str] | None = None) -> Delta:
-    """Read a reference-repo delta (`delta.ckpt` or `delta.bin`) as changes against `pipe`'s base."""
-    path = Path(path)
+    """Read a Custom Diffusion delta (see read_reference) as changes against `pipe`'s base (SD or SDXL).
+
+    Changes are stored in float32, so the imported delta reproduces the file's weights exactly."""
     unet_entries, embed, fmt = loaded if loaded is not None else read_reference(path)
+    path = _inputs(path)[0]
     params = dict(pipe.unet.named_parameters())
     weights: dict[str, Tensor] = {}
     skipped = []
@@ -296,7 +419,7 @@ def import_reference(path: str | Path, pipe: Any, base_name: str,
         name = _unet_name(str(key), pipe.unet.config)
         if name is None or name not in params:
             raise UserError(f"{path}: {key} has no counterpart in the base UNet ({name}); is --base the model "
-                            "it was trained from (SD 1.x/2.x layout)?")
+                            "it was trained from?")
         base = params[name].detach().float().cpu()
         if tuple(t.shape) != tuple(base.shape):
             raise UserError(f"{path}: {key} has shape {tuple(t.shape)}, the base {tuple(base.shape)}; "
@@ -309,21 +432,33 @@ def import_reference(path: str | Path, pipe: Any, base_name: str,
         raise UserError(f"{path}: no cross-attention (attn2) weights found")
     width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     tokens: dict[str, Tensor] = {}
+    tokens_2: dict[str, Tensor] = {}
+    n_sides = len(sides(pipe))
     if isinstance(embed, Mapping):
         for tok, row in embed.items():
-            tokens[str(tok)] = _tensor(row, f"modifier_token {tok}", path).float().reshape(-1)
+            rows = _rows(row, f"modifier_token {tok}", path)
+            if len(rows) != n_sides:
+                raise UserError(f"{path}: token {tok} has {len(rows)} row(s), the base ({pipeline_name(pipe)}) "
+                                f"has {n_sides} text encoder(s); use the base it was trained from")
+            tokens[str(tok)] = rows[0]
+            if n_sides == 2:
+                tokens_2[str(tok)] = rows[1]
     elif embed is not None:
+        if is_xl(pipe):
+            raise UserError(f"{path}: a CompVis (SD 1.x/2.x) delta; this base is SDXL")
         e = _tensor(embed, "embed", path).float()
         if e.numel() % width:
             raise UserError(f"{path}: embed has {e.numel()} values, not a multiple of the base width {width}")
         rows = e.reshape(-1, width)
         tokens = {f"<new{i + 1}>": rows[i] for i in range(rows.shape[0])}  # the reference names them in order
-    for tok, row in tokens.items():
-        if row.numel() != width:
-            raise UserError(f"{path}: token {tok} has width {row.numel()}, the base {width}; use the base it "
-                            "was trained from")
-        if tok in pipe.tokenizer.get_vocab():
-            raise UserError(f"{path}: token {tok} already exists in the base vocabulary")
+    for side in sides(pipe):
+        width = getattr(pipe, side.encoder).get_input_embeddings().weight.shape[1]
+        for tok, row in (tokens_2 if side.prefix == "tokens_2" else tokens).items():
+            if row.numel() != width:
+                raise UserError(f"{path}: token {tok} has width {row.numel()}, the base's {side.encoder} {width}; "
+                                "use the base it was trained from")
+            if tok in getattr(pipe, side.tokenizer).get_vocab():
+                raise UserError(f"{path}: token {tok} already exists in the base vocabulary")
     classes = list(class_words or [])
     if classes and len(classes) != len(tokens):
         raise UserError(f"--class-word given {len(classes)} times for {len(tokens)} tokens ({', '.join(tokens)})")
@@ -331,8 +466,9 @@ def import_reference(path: str | Path, pipe: Any, base_name: str,
     names = sorted(weights)
     log.info("imported %s (%s): %d matrices, tokens %s", path, fmt, len(weights), list(tokens))
     return Delta(
-        weights=weights, tokens=tokens, trained="crossattn_kv" if kv else "crossattn",
-        base={"name": base_name, "fingerprint": base_fingerprint(pipe.unet, names), "vocab_size": len(pipe.tokenizer)},
+        weights=weights, tokens=tokens, tokens_2=tokens_2, trained="crossattn_kv" if kv else "crossattn",
+        base={"name": base_name, "fingerprint": base_fingerprint(pipe.unet, names), "vocab_size": len(pipe.tokenizer),
+              "pipeline": pipeline_name(pipe)},
         token_info=[{"token": t, "initializer": "", "class": classes[i] if classes else ""}
                     for i, t in enumerate(tokens)],
         config={"imported_from": str(path), "import_format": fmt},

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .conditioning import pipeline_name, states_for
 from .delta import NORM_RTOL, Delta, apply_deltas, base_fingerprint, check_base
 from .errors import UserError
 
@@ -180,11 +181,11 @@ def read_captions(path: str | Path | None = None) -> list[str]:
 
 @torch.no_grad()
 def text_features(pipe: Any, prompts: Sequence[tuple[str, str]], batch: int = 64) -> list[tuple[list, Tensor]]:
-    """Rows of the final text-encoder states for (prefix, rest) prompts, without the start token, the
-    prefix's rows and padding (through the end-of-text token), each with its key: the token-id prefix
-    that determines the row in a causal text encoder."""
-    tok, enc = pipe.tokenizer, pipe.text_encoder
-    device = next(enc.parameters()).device
+    """Rows of the text states the UNet reads (SD: the final states; SDXL: both encoders' penultimate states,
+    concatenated) for (prefix, rest) prompts, without the start token, the prefix's rows and padding (through
+    the end-of-text token), each with its key: the token-id prefix that determines the row in a causal
+    text encoder."""
+    tok = pipe.tokenizer
     if tok.pad_token is None:
         batch = 1  # nothing to pad with: one prompt at a time
     out: list[tuple[list, Tensor]] = []
@@ -192,9 +193,7 @@ def text_features(pipe: Any, prompts: Sequence[tuple[str, str]], batch: int = 64
         chunk = prompts[i:i + batch]
         texts = [f"{p} {r}".strip() for p, r in chunk]
         # pad only to the longest: CLIP's causal mask makes rows before end-of-text independent of padding
-        ids = tok(texts, padding="longest", truncation=True, max_length=tok.model_max_length,
-                  return_tensors="pt").input_ids
-        hidden = enc(ids.to(device))[0]  # (B, T, d), the states the UNet reads
+        ids, hidden = states_for(pipe, texts)  # (B, T), (B, T, d): the states the UNet reads
         for j, (prefix, _) in enumerate(chunk):
             row_ids = ids[j].tolist()
             eos = row_ids.index(tok.eos_token_id, 1) if tok.eos_token_id in row_ids[1:] else len(row_ids) - 1
@@ -210,12 +209,9 @@ def text_features(pipe: Any, prompts: Sequence[tuple[str, str]], batch: int = 64
 @torch.no_grad()
 def padding_features(pipe: Any, prompts: Sequence[tuple[str, str]]) -> Tensor:
     """Rows after end-of-text of prompts padded to the tokenizer's max length, as the pipeline feeds the UNet."""
-    tok, enc = pipe.tokenizer, pipe.text_encoder
-    device = next(enc.parameters()).device
+    tok = pipe.tokenizer
     texts = [f"{p} {r}".strip() for p, r in prompts]
-    ids = tok(texts, padding="max_length", truncation=True, max_length=tok.model_max_length,
-              return_tensors="pt").input_ids
-    hidden = enc(ids.to(device))[0]  # (B, T, d)
+    ids, hidden = states_for(pipe, texts, padding="max_length")  # (B, T), (B, T, d)
     rows = []
     for j in range(len(texts)):
         row_ids = ids[j].tolist()
@@ -292,9 +288,10 @@ def merge_deltas(deltas: Sequence[Delta], pipe: Any, reg_captions: Sequence[str]
             raise UserError(f"{src}: has no modifier token; the merge defines each concept by its token's prompts")
     maps = _rename_tokens(deltas, set(pipe.tokenizer.get_vocab()), sources)
     tokens = {maps[i][t]: row for i, d in enumerate(deltas) for t, row in d.tokens.items()}
+    tokens_2 = {maps[i][t]: row for i, d in enumerate(deltas) for t, row in d.tokens_2.items()}
 
-    # text features with every (renamed) token in the tokenizer; the UNet stays the base
-    holder = Delta(weights={}, tokens=tokens, trained="", base={}, token_info=[])
+    # text features with every (renamed) token in the tokenizer(s); the UNet stays the base
+    holder = Delta(weights={}, tokens=tokens, tokens_2=tokens_2, trained="", base={}, token_info=[])
     applied = apply_deltas(pipe, [holder], ["merge tokens"])
     try:
         concept = [text_features(pipe, _concept_prompts(d, maps[i])) for i, d in enumerate(deltas)]
@@ -326,13 +323,16 @@ def merge_deltas(deltas: Sequence[Delta], pipe: Any, reg_captions: Sequence[str]
     names = sorted({n for d in deltas for n in d.param_names()})
     width = C_reg.shape[1]
     weights, residuals, averaged = {}, {}, []
+    # float16 sources (SDXL's default) give a float16 merge; the solve itself runs in float64
+    store = torch.float16 if all(t.dtype == torch.float16 for d in deltas for t in d.weights.values()) \
+        else torch.float32
     for name in names:
         W0 = params[name].detach().to(dev, torch.float64)
         changes = [d.change(name).to(dev, torch.float64) if name in d.param_names() else None for d in deltas]
         if name.endswith(KV_SUFFIXES) and W0.ndim == 2 and W0.shape[1] == width:
             Ws = [W0 + c if c is not None else W0 for c in changes]
             W, res = solve(solver, W0, Ws)
-            weights[name] = (W - W0).float().cpu()
+            weights[name] = (W - W0).to(store).cpu()
             residuals[name] = {k: float(f"{v:.4g}") for k, v in res.items()}
             log.info("%s: constraint residual %.2e (averaging: %.2e of the change); change on C_reg %.3g "
                      "(sources: %.3g)", name, res["constraint"], res["average_constraint_of_change"],
@@ -340,7 +340,7 @@ def merge_deltas(deltas: Sequence[Delta], pipe: Any, reg_captions: Sequence[str]
         else:
             # to_q / to_out do not act on text features: no closed form; average over deltas that trained them
             have = [c for c in changes if c is not None]
-            weights[name] = (sum(have) / len(have)).float().cpu()
+            weights[name] = (sum(have) / len(have)).to(store).cpu()
             averaged.append(name)
     if averaged:
         log.warning("merge: %d non-K/V parameters (to_q, to_out) averaged, not merged in closed form", len(averaged))
@@ -358,9 +358,9 @@ def merge_deltas(deltas: Sequence[Delta], pipe: Any, reg_captions: Sequence[str]
                      "tokens": {t: maps[i][t] for t in d.tokens}} for i, (d, s) in enumerate(zip(deltas, sources,
                                                                                                    strict=True))]
     return Delta(
-        weights=weights, tokens=tokens, trained=trained,
+        weights=weights, tokens=tokens, tokens_2=tokens_2, trained=trained,
         base={"name": base_name or deltas[0].base.get("name", ""), "fingerprint": base_fingerprint(pipe.unet, names),
-              "vocab_size": len(pipe.tokenizer)},
+              "vocab_size": len(pipe.tokenizer), "pipeline": pipeline_name(pipe)},
         token_info=token_info,
         config={"merge": {"ridge": ridge, "pad_weight": pad_weight, "reg_captions": len(reg_captions), "constraint_rows": solver.C.shape[0],
                           "exact": solver.exact, "seconds": round(elapsed, 3)}},

@@ -72,11 +72,16 @@ def _cmd_export(a: argparse.Namespace) -> None:
     with deferred_warnings():
         check_out_dir("-o", a.out, need_bytes=2 * _sizes([a.delta]))
         delta = load_delta(a.delta)
+    unet_config = None
     if a.base:  # optional: confirm the delta belongs to this base before handing it to other tools
         from ..base import load_pipeline
+        from ..delta import apply_deltas
 
-        check_base(delta, load_pipeline(a.base).unet, a.delta)
-    print(export_delta(delta, a.to, a.out))
+        pipe = load_pipeline(a.base)
+        check_base(delta, pipe.unet, a.delta)
+        apply_deltas(pipe, [delta], [a.delta]).remove()  # token rows and pipeline kind fit this base too
+        unet_config = pipe.unet.config
+    print(export_delta(delta, a.to, a.out, unet_config=unet_config))
 
 
 def _cmd_import(a: argparse.Namespace) -> None:
@@ -85,8 +90,14 @@ def _cmd_import(a: argparse.Namespace) -> None:
     from ..interop import import_reference, read_reference
 
     with deferred_warnings():
-        check_in_file("FILE", a.file, "reference delta (delta.ckpt or delta.bin)")
-        out = _out_file(a.out, need_bytes=2 * _sizes([a.file]))
+        for f in a.file:
+            if not Path(f).is_dir():
+                check_in_file("FILE", f, "Custom Diffusion delta (delta.ckpt, delta.bin or diffusers' example "
+                              "output)")
+            elif len(a.file) > 1:
+                raise UserError(f"FILE {f}: a folder; give the folder alone, or the files themselves")
+        out = _out_file(a.out, need_bytes=2 * _sizes([str(p) for f in a.file for p in
+                                                         (Path(f).iterdir() if Path(f).is_dir() else [Path(f)])]))
         for w in a.class_word or []:
             if not w.strip() or len(w.split()) != 1:
                 raise UserError(f"--class-word {w!r}: give one word, such as cat")
@@ -143,11 +154,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_out(e, "output folder")
     e.set_defaults(func=_cmd_export)
 
-    i = sub.add_parser("import", help="import a reference-repo delta (delta.ckpt or delta.bin)",
+    i = sub.add_parser("import", help="import a Custom Diffusion delta: the reference repo's delta.ckpt/delta.bin "
+                       "(SD and SDXL) or diffusers' example output",
                        description="Read the reference Custom Diffusion repo's CompVis delta.ckpt or diffusers "
-                       "delta.bin (torch.load with weights_only=True: no code in the file is run; anything but "
-                       "tensors and plain containers is refused) and store its changes against --base.")
-    i.add_argument("file", metavar="FILE", help="delta.ckpt or delta.bin")
+                       "delta.bin (SD 1.x/2.x, or SDXL with a 768- and a 1280-wide row per token), or what diffusers' "
+                       "Custom Diffusion example writes: its output folder, or pytorch_custom_diffusion_weights."
+                       "safetensors/.bin (token files <token>.safetensors/.bin beside it are read too) optionally "
+                       "followed by its token files. Pickles are read with torch.load(weights_only=True): no code "
+                       "in a file is run; anything but tensors and plain containers is refused. The changes are "
+                       "stored against --base.")
+    i.add_argument("file", metavar="FILE", nargs="+", help="delta.ckpt, delta.bin, a diffusers-example folder, or "
+                   "its weights file [and token files]")
     add_base(i, note=" (the one it was trained from)")
     i.add_argument("--class-word", action="append", metavar="WORD",
                    help="class word of each token in order (e.g. cat), used by a later merge (repeatable)")
