@@ -163,6 +163,27 @@ def test_sdxl_training_trains_both_rows_and_kv_only(tiny_xl_base, trained_xl):
     applied.remove()
 
 
+def test_sdxl_resume_after_a_stop_equals_uninterrupted(tiny_xl_base, concept_dirs, tmp_path):
+    from customdiff.config import TrainConfig
+    from customdiff.data import ConceptSpec
+    from customdiff.train import TrainingStopped, train
+
+    spec = [ConceptSpec(concept_dirs["a"], PROMPT, "photo of a cat", reg_dir=concept_dirs["reg"])]
+
+    def cfg(out, **kw):
+        return TrainConfig(base=tiny_xl_base, out=str(out), steps=3, batch_size=2, learning_rate=1e-3,
+                           delta_dtype="float32", **kw)
+
+    full = load_delta(train(cfg(tmp_path / "full.safetensors"), spec, progress=False))
+    with pytest.raises(TrainingStopped):
+        train(cfg(tmp_path / "r.safetensors"), spec, progress=False, callback=lambda step, loss: step == 2)
+    resumed = load_delta(train(cfg(tmp_path / "r.safetensors", resume=True), spec, progress=False))
+    for k in full.weights:
+        torch.testing.assert_close(full.weights[k], resumed.weights[k], rtol=1e-5, atol=1e-7)
+    for rows in ("tokens", "tokens_2"):  # both token rows are checkpointed
+        torch.testing.assert_close(full.rows(rows)["<new1>"], resumed.rows(rows)["<new1>"], rtol=1e-5, atol=1e-7)
+
+
 def test_sdxl_loss_reads_time_ids_pooled_and_both_encoders(tiny_xl_base):
     from customdiff.conditioning import tokenize
     from customdiff.model import CustomDiffusion
