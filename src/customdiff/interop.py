@@ -303,8 +303,8 @@ def _inputs(given: str | Path | Sequence[str | Path]) -> tuple[Path, list[Path],
         names = [f"{EXAMPLE_WEIGHTS}.safetensors", f"{EXAMPLE_WEIGHTS}.bin", "delta.bin", "delta.ckpt"]
         main = next((folder / n for n in names if (folder / n).is_file()), None)
         if main is None:
-            raise UserError(f"{folder}: holds none of {', '.join(names)}; give a Custom Diffusion output folder "
-                            "or file")
+            raise UserError(f"{folder}: is a folder without {', '.join(names)}; give a Custom Diffusion output "
+                            "folder or file")
         paths = [main]
     main, rest = paths[0], paths[1:]
     if any(p.is_dir() for p in rest):
