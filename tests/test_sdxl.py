@@ -310,6 +310,10 @@ def test_kohya_export_sdxl_names_and_clip_l_g_embedding(tiny_xl_base, xl_delta, 
     state = load_file(str(tmp_path / "k" / KOHYA_FILE))
     assert "lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k.lora_down.weight" in state  # SGM names
     assert "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v.alpha" in state
+    from customdiff.interop import export_delta
+
+    guessed = export_delta(delta, "kohya", tmp_path / "k_nobase")  # without --base: layout read from the names
+    assert set(load_file(str(guessed / KOHYA_FILE))) == set(state)
     emb = load_file(str(tmp_path / "k" / "new1.safetensors"))
     assert set(emb) == {"clip_l", "clip_g"} and emb["clip_g"].shape == (1, 48)
     assert torch.equal(emb["clip_l"][0], delta.tokens["<new1>"])
