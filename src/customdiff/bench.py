@@ -14,8 +14,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,6 +93,7 @@ class Runner:
     def evaluate(self, entry: Any, deltas: list[Path], seed: int, images_out: Path | None) -> dict[str, Any]:
         """Sample and score an entry with the deltas applied (probe and CLIP measures)."""
         from .base import load_pipeline
+        from .config import EvalConfig
         from .delta import apply_deltas, load_delta
         from .evaluate import evaluate
 
@@ -103,9 +102,9 @@ class Runner:
         apply_deltas(pipe, [load_delta(p) for p in deltas], [str(p) for p in deltas])
         if cfg.prompts:
             entry = type(entry)(entry.name, entry.concepts, entry.prompts[:cfg.prompts], entry.index)
-        r = evaluate(pipe, [entry], self.clip, n=cfg.n, steps=cfg.sample_steps, guidance=cfg.guidance, seed=seed,
-                     n_class=cfg.n_class, class_template="photo of a {}", kid_subsets=50,
-                     kid_subset_size=cfg.n_class, images_out=images_out, judge=self.judge)
+        ecfg = EvalConfig(n=cfg.n, steps=cfg.sample_steps, guidance=cfg.guidance, seed=seed, n_class=cfg.n_class,
+                          class_template="photo of a {}", kid_subsets=50, kid_subset_size=cfg.n_class)
+        r = evaluate(pipe, [entry], self.clip, ecfg, images_out=images_out, judge=self.judge)
         return {k: r["entries"][0].get(k) for k in METRICS}
 
     def record(self, method: str, entry: Any, seed: int, stats: dict, metrics: dict) -> None:
@@ -117,17 +116,22 @@ class Runner:
 
 def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> Path:
     """Train and evaluate every method for every seed; write results.json, results.md and report.html."""
+    from .outputs import check_out, staged
+
+    out = check_out(out, "bench", "results.json")  # before any slow work
+    with staged(out, replace=True, last="results.json") as work:
+        _run_all(cfg, work, progress)
+    return out
+
+
+def _run_all(cfg: BenchConfig, work: Path, progress: bool) -> None:
+    """Every run of the bench, with its results and report written into `work`."""
     from tqdm.auto import tqdm
 
     from .base import load_pipeline
     from .delta import load_delta, save_delta
     from .merge import merge_deltas, read_captions
 
-    out = Path(out)
-    work = out.with_name(out.name + ".partial")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
     run = Runner(cfg, work)
     total = len(cfg.seeds) * (len(run.singles) * len(cfg.methods) + len(run.pairs) * len(PAIR_METHODS))
     bar = tqdm(total=total, desc="bench", disable=not progress)
@@ -177,10 +181,6 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> Path:
     (work / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     (work / "results.md").write_text(markdown(summary))
     (work / "report.html").write_text(_html(summary, work))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work, out)
-    return out
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,25 +102,15 @@ def _report(out: Path, cfg: DemoConfig, recipe: Any, entry: Any, n_targets: int,
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>customdiff demo</title><style>{css}</style>" \
            f"</head><body>{''.join(body)}</body></html>"
     path = out / "report.html"
-    tmp = out / ".report.html.tmp"
-    tmp.write_text(page)
-    os.replace(tmp, path)
+    path.write_text(page)
     return path
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
     """Train the concept, sample before/after, score with the probe and CLIP, write report.html; return its path."""
-    from .base import load_pipeline
-    from .config import TrainConfig
-    from .data import list_images, load_image
     from .dataset import read_dataset
-    from .delta import apply_deltas, load_delta
-    from .evaluate import evaluate
-    from .features import ClipFeatures
+    from .outputs import check_out, staged
     from .toy import paths
-    from .toy.fidelity import Judge, leakage
-    from .toy.recipes import RECIPES, concept_spec
-    from .train import train
 
     t0 = time.perf_counter()
     toy = paths()
@@ -131,12 +121,26 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
     entry = read_dataset(concepts_dir / "dataset.json", [cfg.concept])[0]
     if cfg.prompts:
         entry.prompts = entry.prompts[:cfg.prompts]
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "report.html").is_file() and not (out / "concept.safetensors").is_file():
-            raise UserError(f"--out {out} exists and is not an earlier demo's output; choose another folder")
-        shutil.rmtree(out)  # an earlier demo: replace it
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out(cfg.out, "demo", ("report.html", "concept.safetensors"))  # before any slow work
+    with staged(out, replace=True, last="report.html") as stage:
+        _run(cfg, entry, names, stage, t0, progress)
+    return out / "report.html"
+
+
+def _run(cfg: DemoConfig, entry: Any, names: dict, out: Path, t0: float, progress: bool) -> None:
+    """Train, sample, score and write the report into the staging folder `out`."""
+    from .base import load_pipeline
+    from .config import EvalConfig, TrainConfig
+    from .data import list_images, load_image
+    from .delta import apply_deltas, load_delta
+    from .evaluate import evaluate
+    from .features import ClipFeatures
+    from .toy import paths
+    from .toy.fidelity import Judge, leakage
+    from .toy.recipes import RECIPES, concept_spec
+    from .train import train
+
+    toy = paths()
     recipe = RECIPES["custom_diffusion"]
     steps = cfg.steps or recipe.steps
     delta_path = out / "concept.safetensors"
@@ -147,14 +151,14 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
     train_s = time.perf_counter() - t1
 
     clip, judge = ClipFeatures(toy["clip"]), Judge.toy()
-    kw: dict[str, Any] = dict(n=cfg.n, steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
-                              n_class=cfg.n_class, class_template="photo of a {}", kid_subsets=50,
-                              kid_subset_size=cfg.n_class, judge=judge, progress=progress)
+    ecfg = EvalConfig(n=cfg.n, steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed, n_class=cfg.n_class,
+                      class_template="photo of a {}", kid_subsets=50, kid_subset_size=cfg.n_class)
     pipe = load_pipeline("toy")
     work = out / ".images"
-    before = evaluate(pipe, [entry], clip, strip=True, images_out=work / "before", **kw)
+    before = evaluate(pipe, [entry], clip, replace(ecfg, strip_tokens=True), images_out=work / "before",
+                      judge=judge, progress=progress)
     handle = apply_deltas(pipe, [load_delta(delta_path)], [str(delta_path)])
-    after = evaluate(pipe, [entry], clip, images_out=work / "after", **kw)
+    after = evaluate(pipe, [entry], clip, ecfg, images_out=work / "after", judge=judge, progress=progress)
     handle.remove()
     for side in ("before", "after"):
         os.replace(work / side / "prompts" / entry.name, out / side)
@@ -177,6 +181,5 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
     timing = {"steps": steps, "train_s": train_s, "total_s": time.perf_counter() - t0}
     (out / "metrics.json").write_text(json.dumps({**res, **timing}, indent=1) + "\n")
     res.update(before_verdicts=b.get("verdicts", []), after_verdicts=a.get("verdicts", []), leaks=leaks)
-    path = _report(out, cfg, recipe, entry, len(photos), res, timing)
+    _report(out, cfg, recipe, entry, len(photos), res, timing)
     log.info("before: %s  after: %s", res["before"], res["after"])
-    return path

@@ -73,8 +73,6 @@ def evaluate(pipe: Any, entries: Sequence[EvalEntry], clip: ClipFeatures, cfg: E
     "settings": {...}}; with `images_out`, images are written as images/prompts/<entry>/ and
     images/class/<class>/ (`{index:04d}.png` + prompts.json + grid.png), the layout `images_in` reads.
     """
-    if "strip" in settings:  # the keyword's earlier spelling (demo.py)
-        settings["strip_tokens"] = settings.pop("strip")
     cfg = replace(cfg or EvalConfig(), **settings)
     if images_in is None and pipe is None:
         raise ValueError("evaluate needs a pipeline unless images_in is given")
