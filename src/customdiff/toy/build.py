@@ -33,7 +33,7 @@ class BuildConfig:
     vae_steps: int = 600
     unet_steps: int = 12000
     clip_steps: int = 4000
-    probe_steps: int = 1500
+    probe_steps: int = 3000
     n_class_images: int = 200
     n_eval: int = 200
 
