@@ -81,6 +81,7 @@ class Runner:
         r = RECIPES[recipe_name]
         concepts = concepts if concepts is not None else list(enumerate(entry.concepts))
         specs = [concept_spec(c, f"<new{i + 1}>", r.reg) for i, c in concepts]
+        out.parent.mkdir(parents=True, exist_ok=True)  # the bench's own folder: no "created" warning per run
         t0 = time.perf_counter()
         train(TrainConfig(base="toy", out=str(out), train=r.train, steps=(self.cfg.steps or r.steps) * steps_factor,
                           learning_rate=learning_rate or r.learning_rate, augment=r.augment, num_class_images=0,
