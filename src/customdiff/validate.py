@@ -262,30 +262,23 @@ def _json_kind(v: Any) -> str:
 STR = (str,)
 OPT_STR = (str, type(None))
 
-# the reference's concept_list.json (train --concepts)
-CONCEPT_SCHEMA: dict[str, Field] = {
+# the fields every concept entry has, in both file kinds
+_CONCEPT_FIELDS: dict[str, Field] = {
     "instance_prompt": Field(STR, required=True, nonempty=True),
     "class_prompt": Field(STR, required=True, nonempty=True),
     "instance_data_dir": Field(STR, required=True, nonempty=True),
     "class_data_dir": Field(OPT_STR),
-    "initializer_token": Field(OPT_STR),
-    "initializer": Field(OPT_STR),
 }
-
+# the reference's concept_list.json (train --concepts)
+CONCEPT_SCHEMA: dict[str, Field] = {**_CONCEPT_FIELDS, "initializer_token": Field(OPT_STR),
+                                    "initializer": Field(OPT_STR)}
 # CustomConcept101's dataset.json entries (eval --dataset): a concept, or a list of concepts plus a dict
 # holding the prompt file of the composition
-DATASET_CONCEPT_SCHEMA: dict[str, Field] = {
-    "instance_prompt": Field(STR, required=True, nonempty=True),
-    "class_prompt": Field(STR, required=True, nonempty=True),
-    "instance_data_dir": Field(STR, required=True, nonempty=True),
-    "class_data_dir": Field(OPT_STR),
-    "prompt_filename": Field(OPT_STR),
-    "prompt_filename_compose": Field(OPT_STR),
-}
 DATASET_EXTRA_SCHEMA: dict[str, Field] = {
     "prompt_filename": Field(OPT_STR),
     "prompt_filename_compose": Field(OPT_STR),
 }
+DATASET_CONCEPT_SCHEMA: dict[str, Field] = {**_CONCEPT_FIELDS, **DATASET_EXTRA_SCHEMA}
 
 
 def check_dataset_entries(items: list, path: Path, label: str = "--dataset") -> None:
