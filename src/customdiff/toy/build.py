@@ -178,12 +178,23 @@ class Builder:
         for name in STAGES[STAGES.index(first):]:
             (self.work / f"{name}.done").unlink(missing_ok=True)
 
+    def wait_for_data(self, timeout_s: float = 600.0) -> None:
+        """Wait for a parallel process to finish the data stage; a clear error if none does in time."""
+        if (self.work / "data.done").exists():
+            return
+        log.info("waiting for the data stage (run by another build process with --stages data,...)")
+        t0 = time.time()
+        while not (self.work / "data.done").exists():
+            if time.time() - t0 > timeout_s:
+                raise SystemExit(f"{self.work}: the data stage has not run; start a build whose --stages "
+                                 "include data (see --help)")
+            time.sleep(5)
+
     def run(self, stages: tuple[str, ...] = STAGES) -> None:
         """The given stages (all by default); after the last one, a build report next to the assets."""
+        if "data" not in stages:
+            self.wait_for_data()
         for name in stages:
-            if name != "data":
-                while not (self.work / "data.done").exists():  # a parallel process is writing the data
-                    time.sleep(5)
             self.stage(name, getattr(self, name))
         if not all((self.work / f"{n}.done").exists() for n in STAGES):
             return
