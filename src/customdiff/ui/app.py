@@ -62,8 +62,12 @@ class Settings:
         self.resolution = facts.native_resolution if facts else 512
         self.toy_classes = sorted(p.name for p in (Path(toy["concepts"]) / "class_images").iterdir()
                                   if p.is_dir()) if self.is_toy else []
+        from ..toy.recipes import RECIPES
+
+        toy_cd = RECIPES["custom_diffusion"]  # the toy's calibrated rate and steps live in one place
         self.defaults: dict[str, Any] = {
-            "token": "<new1>", "steps": 250, "learning_rate": 3e-5 if self.is_toy else 1e-5, "seed": 0,
+            "token": "<new1>", "steps": toy_cd.steps if self.is_toy else 250,
+            "learning_rate": toy_cd.learning_rate if self.is_toy else 1e-5, "seed": 0,
             "batch_size": 8, "reg": "toy" if self.is_toy else "generated", "num_class_images": 200,
             "preview_every": 25 if self.is_toy else 50, "preview_steps": 20, "checkpoint_every": 25,
             "guidance": 5.0 if self.is_toy else 7.5, "template": "photo of a {token} {class}",
