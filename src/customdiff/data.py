@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +27,7 @@ from .validate import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_EXTS = {".txt"}
@@ -333,11 +337,14 @@ class TrainData:
     def batch(self, seed: int, step: int, rank: int, batch_size: int) -> dict:
         """Batch for one step: half target images, half regularization images (all target without reg).
 
-        Keys: pixel_values (B, 3, S, S), mask (B, 1, S/f, S/f), prompts, time_ids (B, 6) (read on SDXL)."""
+        Keys: pixel_values (B, 3, S, S), mask (B, 1, S/f, S/f), prompts, time_ids (B, 6) (read on SDXL), and
+        latent_keys: for each image, None when it is augmented (targets), else a key naming its fixed pixels
+        (regularization images: never augmented), under which its VAE encoding may be cached."""
         rng = np.random.Generator(np.random.PCG64([seed, step, rank]))
         n_inst = batch_size // 2 if self.reg else batch_size
         n_reg = batch_size - n_inst if self.reg else 0
         pixels, masks, prompts, ids = [], [], [], []
+        keys: list[tuple[str, int] | None] = [None] * n_inst
         for i in rng.choice(len(self.instances), n_inst, replace=n_inst > len(self.instances)):
             im, prompt = self.instances[int(i)]
             p, m, pr, t = augment_sized(im, prompt, self.size, self.factor, rng, self.augment, self.flip)
@@ -351,5 +358,39 @@ class TrainData:
             masks.append(torch.ones(self.size // self.factor, self.size // self.factor))
             prompts.append(caption)
             ids.append(size_and_crop(im.size, self.size, (0, 0), self.size))
+            keys.append(("reg", int(i)))
         return {"pixel_values": torch.stack(pixels), "mask": torch.stack(masks).unsqueeze(1), "prompts": prompts,
-                "time_ids": torch.stack(ids)}
+                "time_ids": torch.stack(ids), "latent_keys": keys}
+
+
+def prefetch(make: Callable[[int], T], keys: Iterable[int], depth: int = 2,
+             pin: bool = False) -> Iterator[T]:
+    """`make(key)` for each key, in order, prepared up to `depth` keys ahead in a background thread.
+
+    The results are those of calling `make` in the loop (batches are a pure function of their key); only
+    the waiting moves off the training step. `depth` 0 calls `make` on the caller's thread. With `pin`, the
+    tensors of a dict result go to pinned memory (faster, asynchronous copies to a GPU)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    def job(key: int) -> T:
+        out = make(key)
+        if pin and isinstance(out, dict):
+            out = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in out.items()}  # type: ignore[assignment]
+        return out
+
+    if depth <= 0:
+        yield from map(job, keys)
+        return
+    it = iter(keys)
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="customdiff-data") as pool:
+        try:
+            for key in it:
+                pending.append(pool.submit(job, key))
+                if len(pending) > depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # the loop stopped early (error, stop): drop what was queued
+            for f in pending:
+                f.cancel()

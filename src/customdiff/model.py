@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .conditioning import encode
 from .tokens import TokenRows
+
+# what the feature caches may hold; beyond it, new entries are computed each time (nothing is evicted)
+CACHE_BYTES = 512 * 2**20
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -27,37 +33,115 @@ class CustomDiffusion(nn.Module):
     Wrapping the whole objective in one module lets accelerate/DDP synchronise the gradients of every
     trainable tensor (UNet K/V and the new token rows) in one place. With `text_encoder_2` (SDXL) the UNet
     reads both encoders' penultimate states, the pooled projection of the second, and per-image time ids.
+
+    Two caches skip work whose result never changes (`cache=True`): the text features of prompts without a
+    new token (the encoders are frozen except the new rows; off when an encoder has active dropout), and the
+    VAE posterior of images the batch marks with a latent key (regularization images, never augmented). The
+    posterior is cached, not a latent: each step still samples it with the step's generator, as without cache.
     """
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, scheduler,
                  token_rows: TokenRows | None = None, text_encoder_2: nn.Module | None = None,
-                 token_rows_2: TokenRows | None = None):
+                 token_rows_2: TokenRows | None = None, cache: bool = False):
         super().__init__()
         self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
         self.text_encoder_2 = text_encoder_2
         self.token_rows, self.token_rows_2 = token_rows, token_rows_2
         self.scheduler = scheduler
+        encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
+        self.cache_text = cache and not any(_has_dropout(e) for e in encoders)
+        self.cache_latents = cache
+        self.text_cache: dict[Hashable, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.latent_cache: dict[Hashable, torch.Tensor] = {}
+        self._cached_bytes = 0
+        new = [i for r in (token_rows, token_rows_2) if r is not None for i in r.token_ids]
+        self._new_ids = torch.tensor(sorted(set(new)), dtype=torch.long)
 
-    def encode_text(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text features (B, T, D) for the UNet's cross-attention, and the pooled embedding (B, P) on SDXL."""
+    def _encode(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.text_encoder_2 is None:
             return encode([self.text_encoder], [input_ids])
         return encode([self.text_encoder, self.text_encoder_2], [input_ids, input_ids_2])
 
+    def _room(self, t: torch.Tensor) -> bool:
+        """Count `t` against CACHE_BYTES; False when it no longer fits."""
+        size = t.numel() * t.element_size()
+        if self._cached_bytes + size > CACHE_BYTES:
+            return False
+        self._cached_bytes += size
+        return True
+
+    def encode_text(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text features (B, T, D) for the UNet's cross-attention, and the pooled embedding (B, P) on SDXL.
+
+        Ids may live on the CPU (the cache reads them there without a device sync); they move to the
+        text encoder's device."""
+        device = self.text_encoder.get_input_embeddings().weight.device
+        if not self.cache_text:
+            return self._encode(input_ids.to(device), None if input_ids_2 is None else input_ids_2.to(device))
+        ids = input_ids.cpu()
+        ids_2 = None if input_ids_2 is None else input_ids_2.cpu()
+        both = ids if ids_2 is None else torch.cat([ids, ids_2], dim=1)  # (B, T or 2T)
+        fixed = (~torch.isin(both, self._new_ids).any(dim=1)).tolist()  # no new token: features never change
+        keys = [tuple(row) for row in both.tolist()]
+        todo = [i for i, k in enumerate(keys) if not (fixed[i] and k in self.text_cache)]
+        fresh: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        if todo:
+            sel = torch.tensor(todo)
+            states, pooled = self._encode(ids[sel].to(device), None if ids_2 is None else ids_2[sel].to(device))
+            for j, i in enumerate(todo):
+                fresh[i] = (states[j], None if pooled is None else pooled[j])
+                if fixed[i] and keys[i] not in self.text_cache and self._room(states[j]):
+                    # a copy: a view would keep the whole batch's features alive
+                    self.text_cache[keys[i]] = (states[j].detach().clone(),
+                                                None if pooled is None else pooled[j].detach().clone())
+        if len(fresh) == len(keys):  # nothing from the cache: the encoder's batch as is
+            return states, pooled
+        rows = [fresh[i] if i in fresh else self.text_cache[k] for i, k in enumerate(keys)]
+        dtype = next(iter(fresh.values()))[0].dtype if fresh else rows[0][0].dtype
+        states = torch.stack([r[0].to(dtype) for r in rows])
+        pooled = None if rows[0][1] is None else torch.stack([r[1].to(dtype) for r in rows])
+        return states, pooled
+
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Latents (B, 4, h, w) of images in [-1, 1], sampled from the VAE posterior and scaled."""
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        return dist.sample(generator=generator).float() * self.vae.config.scaling_factor
+    def _moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior's parameters (B, 2 * 4, h, w): mean and log-variance."""
+        # a float32 VAE that asks for upcasting (SDXL's overflows in float16) encodes outside fp16 autocast
+        upcast = self.vae.dtype == torch.float32 and getattr(self.vae.config, "force_upcast", False)
+        with torch.autocast(pixels.device.type, enabled=False) if upcast else nullcontext():
+            return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None,
+                      keys: Sequence[Hashable | None] | None = None) -> torch.Tensor:
+        """Latents (B, 4, h, w) of images in [-1, 1], sampled from the VAE posterior and scaled.
+
+        `keys[i]` (not None) marks image i as fixed: its posterior is cached under that key."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if not self.cache_latents or keys is None or not any(k is not None for k in keys):
+            moments = self._moments(pixels)
+        else:
+            todo = [i for i, k in enumerate(keys) if k is None or k not in self.latent_cache]
+            fresh = dict(zip(todo, self._moments(pixels[torch.tensor(todo)]), strict=True)) if todo else {}
+            for i in todo:
+                if keys[i] is not None and self._room(fresh[i]):
+                    self.latent_cache[keys[i]] = fresh[i].clone()
+            moments = torch.stack([fresh[i] if i in fresh else self.latent_cache[k] for i, k in enumerate(keys)])
+        # the posterior's own sampling: the same draws from `generator` with or without the cache
+        latents = DiagonalGaussianDistribution(moments).sample(generator=generator)
+        return latents.float() * self.vae.config.scaling_factor
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
                 generator: torch.Generator | None = None, input_ids_2: torch.Tensor | None = None,
-                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+                time_ids: torch.Tensor | None = None, latent_keys: Sequence[Hashable | None] | None = None
+                ) -> torch.Tensor:
         """Masked MSE of the UNet's prediction (noise, or v for v-prediction) at random timesteps.
 
-        SDXL also takes `input_ids_2` (B, T) of the second tokenizer and `time_ids` (B, 6)."""
-        latents = self.encode_images(pixel_values, generator)  # (B, 4, h, w)
+        SDXL also takes `input_ids_2` (B, T) of the second tokenizer and `time_ids` (B, 6). `latent_keys`
+        marks images whose VAE posterior may be cached (see the class)."""
+        latents = self.encode_images(pixel_values, generator, latent_keys)  # (B, 4, h, w)
         b = latents.shape[0]
         # drawn on the generator's device (CPU) and moved, so seeds give the same batch on any accelerator
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
@@ -78,3 +162,12 @@ class CustomDiffusion(nn.Module):
         else:
             raise ValueError(f"unsupported prediction type {kind}")
         return masked_mse(pred, target, mask)
+
+
+def _has_dropout(module: nn.Module) -> bool:
+    """True when a module holds a dropout with p > 0 (then its outputs vary from call to call in training)."""
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules()):
+        return True
+    cfg = getattr(module, "config", None)
+    return any(float(getattr(cfg, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "dropout", "hidden_dropout"))
+
