@@ -82,6 +82,18 @@ class TrainConfig:
     gradient_accumulation: int = opt(1, "micro-batches per optimizer step", lo=1)
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet")
     mixed_precision: str = opt("no", "no, fp16 or bf16 (GPU; fp32 is fastest on CPU)", choices=["no", "fp16", "bf16"])
+    frozen_weights: str = opt("auto", "storage of the frozen UNet, VAE and text encoders under --mixed-precision "
+                              "fp16/bf16: auto (that dtype; trained tensors stay float32) or float32",
+                              choices=["auto", "float32"], resume=False)
+    prefetch: int = opt(2, "batches prepared ahead in a background thread (0 = on the training thread)",
+                        lo=0, hi=64, resume=False)
+    cache: bool = opt(True, "reuse what never changes: text features of prompts without a new token, VAE "
+                      "encodings of the (never augmented) regularization images", resume=False)
+    log_every: int = opt(10, "read the loss back (progress bar, divergence check, TensorBoard) every N steps; "
+                         "each read waits for the GPU", lo=1, resume=False)
+    channels_last: bool = opt(False, "channels-last memory format for the UNet and VAE (CUDA only)", resume=False)
+    compile: bool = opt(False, "torch.compile the UNet (minutes of compilation before the first step)",
+                        resume=False)
     num_class_images: int = opt(200, "regularization images to generate per concept when it has no --reg-dir "
                                       "(0 = train without regularization)", lo=0, hi=100_000)
     augment: bool = opt(True, "rescale/paste/crop augmentation with prompt prefixes and loss mask")

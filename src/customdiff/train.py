@@ -6,7 +6,9 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -17,13 +19,14 @@ from tqdm.auto import tqdm
 from .base import base_facts, load_pipeline, trainable_bytes
 from .classimages import default_cache_dir, ensure_class_images
 from .compress import compress_delta
-from .conditioning import is_xl, pipeline_name, sides, tokenize
+from .conditioning import XL_PIPELINE, is_xl, pipeline_name, sides, tokenize
 from .config import TrainConfig
-from .data import ConceptSpec, TrainData, validate_concepts
+from .data import ConceptSpec, TrainData, prefetch, validate_concepts
 from .delta import Delta, atomic_save, base_fingerprint, check_finite, read_metadata, read_tensors, save_delta
 from .errors import UserError
 from .model import CustomDiffusion
 from .outputs import make_dirs
+from .precision import frozen_dtype, read_kept, restore_kept, store_pipeline_frozen
 from .surgery import detach_start_token, freeze_except, trainable_names
 from .tokens import TokenRows, add_tokens, default_initializers
 from .validate import check_free_space, check_multiple, check_out_file, deferred_warnings, human_bytes
@@ -151,15 +154,17 @@ def _reg_sources(cfg: TrainConfig, specs: list[ConceptSpec], pipe: Any, is_main:
 
 
 def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pipe: Any = None,
-          callback: StepCallback | None = None) -> Path:
+          callback: StepCallback | None = None, timings: dict[str, float] | None = None) -> Path:
     """Fine-tune cross-attention (and new token rows) on the concepts; write the delta to cfg.out.
 
     `pipe` may be an already loaded base pipeline (it is modified in place: trained weights, new tokens).
     `callback(step, loss)` runs after each step; while it runs, `pipe` samples with the weights and token rows
     trained so far. When it returns True, a checkpoint of that step is saved and TrainingStopped is raised.
+    `timings`, when given, receives the loop's clock readings (see _Clock: first step, steady rate, data wait).
     """
     from accelerate import Accelerator
 
+    clock = _Clock(timings)
     images: dict[Path, Any] = {}
     specs, tokens = _check_config(cfg, specs, images)  # resolved copies: the caller's specs stay as given
     out = Path(cfg.out)
@@ -171,7 +176,13 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
                               log_with="tensorboard" if cfg.logdir else None,
                               project_dir=cfg.logdir or None)
     is_main = accelerator.is_main_process
-    pipe = pipe if pipe is not None else load_pipeline(cfg.base, device=accelerator.device)
+    cuda = accelerator.device.type == "cuda"
+    # frozen weights in the mixed-precision dtype, only in a pipeline of our own (a caller's keeps its dtypes)
+    low = frozen_dtype(cfg.mixed_precision, cfg.frozen_weights) if pipe is None else None
+    facts = base_facts(cfg.base) if low else None
+    kept = read_kept(cfg.base, cfg.train, facts.pipeline == XL_PIPELINE) if facts is not None else None
+    if pipe is None:
+        pipe = load_pipeline(cfg.base, dtype=low if kept else torch.float32, device=accelerator.device)
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     factor = pipe.vae_scale_factor
     size = cfg.resolution or unet.config.sample_size * factor
@@ -179,6 +190,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
         raise UserError(f"--resolution {size} must be a multiple of the VAE's factor {factor}")
     specs = _reg_sources(cfg, specs, pipe, is_main, accelerator, progress)
     data = TrainData(specs, size, factor, augment=cfg.augment, flip=cfg.flip, cache=images)
+    if kept is not None and not restore_kept(pipe, kept):  # cannot happen with a consistent folder
+        raise UserError(f"--base {cfg.base}: its weight files do not match its configs; re-save the pipeline")
 
     # new tokens, each initialised from a rare word (or the user's initializer)
     inits = list(cfg.initializer) if cfg.initializer else [
@@ -202,19 +215,28 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     trainable = freeze_except(unet, names)
     # the reference detaches the start token's K/V for Custom Diffusion only, not for its baselines
     hooks = detach_start_token(unet) if cfg.train in ("crossattn_kv", "crossattn") else []
+    if low is not None:
+        store_pipeline_frozen(pipe, low, names)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for enc in (text_encoder, text_encoder_2) if text_encoder_2 is not None else (text_encoder,):
             enable = getattr(enc, "activation_checkpointing_enable", None) or enc.gradient_checkpointing_enable
             enable()  # transformers 5 renamed it
+    if cfg.channels_last and cuda:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        unet.compile()  # in place: parameter names, hooks and the delta's keys stay as they are
     model = CustomDiffusion(unet, text_encoder, vae, pipe.scheduler, token_rows, text_encoder_2,
-                            token_rows_2).to(accelerator.device)
+                            token_rows_2, cache=cfg.cache).to(accelerator.device)
     model.train()
     params = {**trainable, **{f"<{prefix}>": r.rows for prefix, r in rows_by_side.items()}}
 
     world = accelerator.num_processes
     lr = cfg.learning_rate * (cfg.batch_size * cfg.gradient_accumulation * world if cfg.scale_lr else 1)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all tensors on a GPU (the trained tensors are float32 there, as it needs)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=cfg.weight_decay,
+                                  **({"fused": True} if cuda else {}))
     start = 0
     if cfg.resume:
         if (ckpt / "latest.safetensors").is_file():
@@ -230,37 +252,53 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
 
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not (progress and is_main))
     rank = accelerator.process_index
-    for step in range(start, cfg.steps):
-        for micro in range(cfg.gradient_accumulation):
-            key = step * cfg.gradient_accumulation + micro
-            batch = data.batch(cfg.seed, key, rank, cfg.batch_size)
-            ids = tokenize([getattr(pipe, side.tokenizer) for side in sides(pipe)], batch["prompts"])
-            xl = {"input_ids_2": ids[1].to(accelerator.device), "time_ids": batch["time_ids"].to(accelerator.device)
-                  } if len(ids) > 1 else {}
-            gen = torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + key * 7919 + rank)
-            with accelerator.accumulate(model):
-                loss = model(batch["pixel_values"].to(accelerator.device), ids[0].to(accelerator.device),
-                             batch["mask"].to(accelerator.device), generator=gen, **xl)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(loss.item()):
-            raise UserError(f"training diverged: the loss became {loss.item()} at step {step + 1}; lower "
-                            f"--learning-rate (now {cfg.learning_rate:g}) or use --mixed-precision no")
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if cfg.logdir:
-            accelerator.log({"loss": loss.item(), "lr": lr}, step=step)
-        stop = bool(callback(step + 1, loss.item())) if callback is not None else False
-        if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps):
-            if is_main:
-                _save_checkpoint(ckpt, step + 1, cfg, params, getattr(optimizer, "optimizer", optimizer))
-            accelerator.wait_for_everyone()
-        if stop:
-            bar.close()
-            raise TrainingStopped(step + 1, ckpt)
+    ga = cfg.gradient_accumulation
+    keys = range(start * ga, cfg.steps * ga)
+    batches = prefetch(lambda key: data.batch(cfg.seed, key, rank, cfg.batch_size), keys, cfg.prefetch, pin=cuda)
+    losses: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not yet read back
+    clock.loop()
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = benchmark or cuda  # fixed shapes: let cuDNN pick its fastest kernels
+    try:
+        for step in range(start, cfg.steps):
+            for micro in range(ga):
+                key = step * ga + micro
+                with clock.waiting():
+                    batch = next(batches)
+                    ids = tokenize([getattr(pipe, side.tokenizer) for side in sides(pipe)], batch["prompts"])
+                    pixels = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+                    mask = batch["mask"].to(accelerator.device, non_blocking=True)
+                xl = {"input_ids_2": ids[1], "time_ids": batch["time_ids"].to(accelerator.device)} if len(ids) > 1 else {}
+                gen = torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + key * 7919 + rank)
+                with accelerator.accumulate(model):
+                    # ids stay on the CPU: the text cache reads them there, the model moves them
+                    loss = model(pixels, ids[0], mask, generator=gen, latent_keys=batch["latent_keys"], **xl)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+            losses.append((step + 1, loss.detach()))
+            checkpoint = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps
+            # reading the loss waits for the device: only on the first and last step, every --log-every steps,
+            # before a checkpoint (never one of a diverged run), and at each step when a callback wants it
+            if (callback is not None or step == start or step + 1 == cfg.steps or checkpoint
+                    or (step + 1) % cfg.log_every == 0):
+                last = _read_losses(losses, cfg, bar, accelerator, lr)
+                clock.read(step + 1 - start)
+            stop = bool(callback(step + 1, last)) if callback is not None else False
+            if stop or checkpoint:
+                if is_main:
+                    _save_checkpoint(ckpt, step + 1, cfg, params, getattr(optimizer, "optimizer", optimizer))
+                accelerator.wait_for_everyone()
+            if stop:
+                bar.close()
+                raise TrainingStopped(step + 1, ckpt)
+    finally:
+        batches.close()
+        torch.backends.cudnn.benchmark = benchmark
+        clock.done()
     bar.close()
     for h in hooks:
         h.remove()
@@ -293,3 +331,65 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
         log.info("wrote %s", out)
     accelerator.wait_for_everyone()
     return out
+
+
+class _Clock:
+    """Wall-clock readings of a training run, taken where the loss is read back (a device sync), into `out`.
+
+    Keys: setup_s (start to the loop), first_step_s (start to the first step's loss), steps_after_first and
+    steady_s (the steps after the first and their time), steps_per_s, data_wait_s (the loop's wait for its
+    batches after the first step: batch, tokens, copy to the device) and data_wait_share (of steady_s)."""
+
+    def __init__(self, out: dict[str, float] | None):
+        self.out, self.t0 = out, time.perf_counter()
+        self.t_loop = self.t_first = self.t_last = 0.0
+        self.steps = self.first_steps = 0
+        self.wait = self.wait_first = 0.0
+
+    def loop(self) -> None:
+        """The training loop starts."""
+        self.t_loop = time.perf_counter()
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Count the time inside as waiting for data."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.wait += time.perf_counter() - t
+
+    def read(self, steps: int) -> None:
+        """The loss of `steps` steps (of this run) was just read back."""
+        self.t_last, self.steps = time.perf_counter(), steps
+        if not self.t_first:
+            self.t_first, self.first_steps, self.wait_first = self.t_last, steps, self.wait
+
+    def done(self) -> None:
+        """Write the readings into `out`."""
+        if self.out is None or not self.t_first:
+            return
+        steady = self.t_last - self.t_first
+        after = self.steps - self.first_steps
+        self.out.update(setup_s=self.t_loop - self.t0, first_step_s=self.t_first - self.t0,
+                        steps_after_first=float(after), steady_s=steady,
+                        steps_per_s=after / steady if steady > 0 else float("nan"),
+                        data_wait_s=self.wait - self.wait_first,
+                        data_wait_share=(self.wait - self.wait_first) / steady if steady > 0 else float("nan"))
+        log.info("training: first step after %.1f s, then %.2f steps/s; %.0f%% of a step waiting for data",
+                 self.out["first_step_s"], self.out["steps_per_s"], 100 * self.out["data_wait_share"])
+
+
+def _read_losses(losses: list[tuple[int, torch.Tensor]], cfg: TrainConfig, bar: Any, accelerator: Any,
+                 lr: float) -> float:
+    """Read the pending losses back in one device sync: stop a diverged run, show and log them; the last one."""
+    values = torch.stack([v.float() for _, v in losses]).tolist()
+    for (step, _), v in zip(losses, values, strict=True):
+        if not math.isfinite(v):
+            raise UserError(f"training diverged: the loss became {v} at step {step}; lower "
+                            f"--learning-rate (now {cfg.learning_rate:g}) or use --mixed-precision no")
+        if cfg.logdir:
+            accelerator.log({"loss": v, "lr": lr}, step=step - 1)
+    losses.clear()
+    bar.set_postfix(loss=f"{values[-1]:.4f}")
+    return values[-1]

@@ -1,0 +1,185 @@
+"""Speed levers keep the training semantics: prefetched batches, cached features, frozen weights in bf16,
+the loss read back every N steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from customdiff import model as model_module
+from customdiff import train as train_module
+from customdiff.base import load_pipeline
+from customdiff.config import TrainConfig
+from customdiff.data import ConceptSpec, TrainData, prefetch
+from customdiff.delta import load_delta
+from customdiff.errors import UserError
+from customdiff.model import CustomDiffusion
+from customdiff.surgery import freeze_except, trainable_names
+from customdiff.tokens import TokenRows, add_tokens
+from customdiff.train import train
+
+
+def _spec(concept_dirs: dict[str, str]) -> list[ConceptSpec]:
+    return [ConceptSpec(concept_dirs["a"], "photo of a <new1> cat", "photo of a cat", reg_dir=concept_dirs["reg"])]
+
+
+def _same_batch(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetch_yields_the_loop_batches_bit_for_bit(concept_dirs, depth):
+    data = TrainData(_spec(concept_dirs), 32, 2)
+    keys = range(5, 17)
+    direct = [data.batch(7, k, 0, 4) for k in keys]
+    ahead = list(prefetch(lambda k: data.batch(7, k, 0, 4), keys, depth))
+    assert len(ahead) == len(direct)
+    assert all(_same_batch(a, b) for a, b in zip(ahead, direct, strict=True))
+    # regularization images are marked for the latent cache, augmented targets are not
+    assert direct[0]["latent_keys"][:2] == [None, None] and all(k[0] == "reg" for k in direct[0]["latent_keys"][2:])
+
+
+def test_prefetch_stops_cleanly_and_passes_errors_on(concept_dirs):
+    data = TrainData(_spec(concept_dirs), 32, 2)
+    it = prefetch(lambda k: data.batch(0, k, 0, 2), range(1000), 2)
+    first = next(it)
+    it.close()  # a loop that stops early (TrainingStopped, an error) leaves no thread behind
+    assert _same_batch(first, data.batch(0, 0, 0, 2))
+
+    def broken(k: int) -> int:
+        if k == 2:
+            raise ValueError("bad image")
+        return k
+
+    with pytest.raises(ValueError, match="bad image"):
+        list(prefetch(broken, range(5), 2))
+
+
+def _tiny_model(base: str, cache: bool) -> tuple[CustomDiffusion, object]:
+    pipe = load_pipeline(base)
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    ids = add_tokens(pipe.tokenizer, pipe.text_encoder, ["<new1>"], ["ktn"])
+    rows = TokenRows(pipe.text_encoder.get_input_embeddings(), ids)
+    freeze_except(pipe.unet, trainable_names(pipe.unet, "crossattn_kv"))
+    return CustomDiffusion(pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler, rows, cache=cache).train(), pipe
+
+
+def test_feature_caches_give_the_same_loss_and_gradients(tiny_base, concept_dirs):
+    data = TrainData(_spec(concept_dirs), 32, 2)
+    plain, pipe = _tiny_model(tiny_base, cache=False)
+    cached, _ = _tiny_model(tiny_base, cache=True)
+    results = []
+    for m in (plain, cached, cached):  # the second cached call reads features and posteriors from the caches
+        batch = data.batch(0, 3, 0, 4)
+        ids = pipe.tokenizer(batch["prompts"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        loss = m(batch["pixel_values"], ids, batch["mask"], generator=torch.Generator().manual_seed(5),
+                 latent_keys=batch["latent_keys"])
+        loss.backward()
+        grads = [m.token_rows.rows.grad.clone()] + [p.grad.clone() for p in m.unet.parameters() if p.grad is not None]
+        m.zero_grad(set_to_none=True)
+        results.append((loss.detach(), grads))
+    # only the class caption is cached (its features never change), never a prompt holding <new1>
+    assert len(cached.text_cache) == 1 and len(cached.latent_cache) == 2
+    assert all(not torch.isin(torch.tensor(k), cached._new_ids).any() for k in cached.text_cache)
+    # batch-size-dependent summation order in the encoders is all that may differ: float32 rounding
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-5, atol=1e-7)
+        for g, ref in zip(grads, results[0][1], strict=True):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-7)
+    assert results[0][1][0].abs().sum() > 0  # the new token row does get a gradient
+
+
+def _reset_accelerate() -> None:
+    """accelerate keeps one mixed-precision setting per process: reset it between runs that change it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """A test that changes --mixed-precision leaves accelerate as it found it."""
+    _reset_accelerate()
+    yield
+    _reset_accelerate()
+
+
+def _relative(d: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    num = sum(float(((d[k].float() - ref[k].float()) ** 2).sum()) for k in ref)
+    return (num / sum(float((ref[k].float() ** 2).sum()) for k in ref)) ** 0.5
+
+
+def test_bf16_frozen_weights_give_a_delta_close_to_float32(tiny_base, concept_dirs, tmp_path, monkeypatch,
+                                                           fresh_accelerate):
+    seen = {}
+    real = train_module.store_pipeline_frozen
+
+    def spy(pipe, dtype, names):
+        real(pipe, dtype, names)
+        seen["pipe"], seen["names"] = pipe, set(names)
+
+    monkeypatch.setattr(train_module, "store_pipeline_frozen", spy)
+    runs = {}
+    for name, kw in [("fp32", {}), ("bf16_autocast_only", {"mixed_precision": "bf16", "frozen_weights": "float32"}),
+                     ("bf16", {"mixed_precision": "bf16"})]:
+        _reset_accelerate()
+        cfg = TrainConfig(base=tiny_base, out=str(tmp_path / f"{name}.safetensors"), steps=4, batch_size=4,
+                          learning_rate=1e-3, **kw)
+        runs[name] = load_delta(train(cfg, _spec(concept_dirs), progress=False))
+
+    # storage: frozen weights in bf16, trained K/V, the embedding table (new rows) and norms in float32
+    pipe = seen["pipe"]
+    for n, p in pipe.unet.named_parameters():
+        want = torch.float32 if n in seen["names"] or "norm" in n else torch.bfloat16
+        assert p.dtype == want, n
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.float32, torch.bfloat16}
+    assert pipe.text_encoder.get_input_embeddings().weight.dtype == torch.float32
+    assert next(p for n, p in pipe.text_encoder.named_parameters() if "fc1" in n).dtype == torch.bfloat16
+
+    ref = runs["fp32"]
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%); under autocast every matmul rounds, and
+    # AdamW's first steps move each weight by about lr * sign(gradient), so weights whose gradient is near
+    # zero can step the other way: autocast alone leaves ~5% (relative L2) on these 4 steps. Storing the
+    # frozen weights in bf16 must add little to that, and the delta must still point the same way.
+    alone = _relative(runs["bf16_autocast_only"].weights, ref.weights)
+    stored = _relative(runs["bf16"].weights, ref.weights)
+    assert 0 < stored < 0.1, stored
+    assert stored < alone + 0.02, (stored, alone)
+    flat = torch.cat([runs["bf16"].weights[k].flatten() for k in ref.weights])
+    flat_ref = torch.cat([ref.weights[k].flatten() for k in ref.weights])
+    assert torch.nn.functional.cosine_similarity(flat, flat_ref, dim=0) > 0.99
+    # the delta is taken against float32 base values: same keys, float32, token rows close
+    assert ref.weights.keys() == runs["bf16"].weights.keys()
+    assert all(v.dtype == torch.float32 for v in runs["bf16"].weights.values())
+    torch.testing.assert_close(runs["bf16"].tokens["<new1>"], ref.tokens["<new1>"], rtol=0, atol=5e-3)
+
+
+def test_divergence_is_caught_between_loss_reads(tiny_base, concept_dirs, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = model_module.masked_mse
+
+    def nan_from_third(*args):
+        calls["n"] += 1
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(model_module, "masked_mse", nan_from_third)
+    cfg = TrainConfig(base=tiny_base, out=str(tmp_path / "d.safetensors"), steps=6, batch_size=2, log_every=50,
+                      checkpoint_every=5)
+    with pytest.raises(UserError, match="diverged: the loss became nan at step 3"):
+        train(cfg, _spec(concept_dirs), progress=False)
+    # the read before the step-5 checkpoint caught it: no checkpoint of a diverged run
+    assert not (tmp_path / "d.safetensors.ckpt" / "latest.safetensors").exists()
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_timings_are_reported(tiny_base, concept_dirs, tmp_path):
+    timings: dict[str, float] = {}
+    train(TrainConfig(base=tiny_base, out=str(tmp_path / "t.safetensors"), steps=3, batch_size=2, log_every=1),
+          _spec(concept_dirs), progress=False, timings=timings)
+    assert timings["steps_after_first"] == 2 and timings["first_step_s"] >= timings["setup_s"] > 0
+    assert timings["steps_per_s"] > 0 and 0 <= timings["data_wait_share"] < 1
