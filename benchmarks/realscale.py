@@ -1,8 +1,20 @@
 """Real-scale architectures with random weights: SD 1.5, SD 2.1 and SDXL built from their configs (no download),
-saved as diffusers folders that every customdiff command takes as --base, with their sizes and optional step times.
+saved as diffusers folders that every customdiff command takes as --base, with their sizes, step times and the
+whole `customdiff train` + `customdiff sample` run measured.
 
     python benchmarks/realscale.py --arch sdxl --out /tmp/sdxl-random            # build, save, print sizes
     python benchmarks/realscale.py --arch sdxl --steps 3 --resolution 256        # + training-step timings
+    python benchmarks/realscale.py --arch sd15 --train-steps 250 --resolution 512 --batch-size 8 \
+        --mixed-precision fp16 [--gradient-checkpointing] [--work /tmp/realscale]  # the training benchmark
+
+The training benchmark builds (once, cached under --work) the pipeline and synthetic photo and class folders,
+then runs `customdiff train` in a fresh child process (so peak memory is that run's alone) and prints: time to
+first step, steps/s after it, whole-run time, peak memory (torch.cuda.max_memory_allocated on a GPU, peak RSS
+on the CPU), the share of a step spent waiting for data, and the time of `customdiff sample` for 4 images at
+50 steps; `--json FILE` appends the numbers as one JSON line. `--arch tiny` is a small network of SD 1.5's
+shape with CLIP's vocabulary size, for smoke tests. `--example SCRIPT` runs diffusers'
+examples/custom_diffusion/train_custom_diffusion.py on the same data and settings instead (whole run, and peak
+GPU memory from nvidia-smi).
 
 The images are noise (random weights); this measures sizes, memory and speed, never quality. Expected sizes:
 UNet SD1.5 859.5M, SD2.1 865.9M, SDXL 2,567M parameters; attn2 K/V SD1.5 19,169,280 (16 layers), SD2.1
@@ -17,15 +29,23 @@ import argparse
 import gzip
 import importlib.util
 import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 VOCAB = 49408
 EXPECTED = {"sd15": (859_520_964, 19_169_280), "sd21": (865_910_724, 25_559_040), "sdxl": (2_567_463_684, 340_787_200)}
+ARCHS = [*EXPECTED, "tiny"]
+INSTANCE_PROMPT, CLASS_PROMPT = "photo of a <new1> dog", "photo of a dog"
 
 
 def _byte_symbols() -> list[str]:
@@ -71,6 +91,9 @@ def make_unet(arch: str) -> torch.nn.Module:
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
             addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    if arch == "tiny":  # SD 1.5's block layout at a fraction of its width, for smoke tests
+        return UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
+                                    attention_head_dim=8, cross_attention_dim=32)
     sd21 = arch == "sd21"
     return UNet2DConditionModel(
         sample_size=96 if sd21 else 64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -93,8 +116,11 @@ def build(arch: str, work: Path) -> object:
                              projection_dim=proj or width, bos_token_id=49406, eos_token_id=2, pad_token_id=1)
         return CLIPTextModelWithProjection(cfg) if proj else CLIPTextModel(cfg)
 
-    vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+    tiny = arch == "tiny"
+    vae = diffusers.AutoencoderKL(block_out_channels=(32,) * 4 if tiny else (128, 256, 512, 512),
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1 if tiny else 2,
+                                  latent_channels=4,
                                   sample_size=1024 if arch == "sdxl" else 512,
                                   scaling_factor=0.13025 if arch == "sdxl" else 0.18215)
     kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
@@ -107,7 +133,7 @@ def build(arch: str, work: Path) -> object:
             tokenizer=tok, tokenizer_2=tok2, unet=unet, add_watermarker=False,
             scheduler=diffusers.EulerDiscreteScheduler(timestep_spacing="leading", **kw))
     sd21 = arch == "sd21"
-    text = clip(1024, 23, 16, "gelu") if sd21 else clip(768, 12, 12, "quick_gelu")
+    text = clip(1024, 23, 16, "gelu") if sd21 else clip(32, 2, 2, "quick_gelu") if tiny else clip(768, 12, 12, "quick_gelu")
     sched = diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False,
                                     prediction_type="v_prediction" if sd21 else "epsilon", **kw)
     return diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
@@ -118,7 +144,7 @@ def sizes(unet: torch.nn.Module, arch: str) -> None:
     """Print UNet and attn2 K/V parameter counts against the expected ones, and the delta sizes."""
     total = sum(p.numel() for p in unet.parameters())
     kv = [p.numel() for n, p in unet.named_parameters() if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
-    want_total, want_kv = EXPECTED[arch]
+    want_total, want_kv = EXPECTED.get(arch, (total, sum(kv)))
     print(f"UNet {total:,} parameters (expected {want_total:,}); attn2 K/V {sum(kv):,} in {len(kv) // 2} layers "
           f"(expected {want_kv:,}); K/V delta {4 * sum(kv) / 1e9:.2f} GB float32, {2 * sum(kv) / 1e9:.2f} GB float16")
 
@@ -158,15 +184,198 @@ def time_steps(pipe: object, steps: int, resolution: int, batch: int) -> None:
     print(f"median step after the first: {statistics.median(times[1:]):.2f} s at {resolution} px, batch {batch}")
 
 
+def pipeline_folder(arch: str, work: Path) -> Path:
+    """The saved random-weight pipeline of `arch` under `work`, built and saved on first use."""
+    folder = work / arch
+    if not (folder / "model_index.json").is_file():
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            pipe = build(arch, Path(tmp))
+            print(f"built {arch} in {time.perf_counter() - t0:.1f} s")
+            sizes(pipe.unet, arch)
+            pipe.save_pretrained(folder)
+        del pipe
+    return folder
+
+
+def make_data(work: Path, resolution: int, photos: int = 8, classes: int = 16) -> tuple[Path, Path]:
+    """Synthetic photo and class folders at 1.25x `resolution`: coloured boxes on noise (class captions: the
+    class prompt, as generated class images have)."""
+    root = work / f"data{resolution}"
+    dirs = root / "photos", root / "class"
+    if (root / "done").is_file():
+        return dirs
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    side = resolution * 5 // 4
+    for folder, n in zip(dirs, (photos, classes), strict=True):
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            arr = rng.integers(0, 80, (side, side, 3), dtype=np.uint8)
+            y, x = rng.integers(0, side // 2, 2)
+            arr[y:y + side // 2, x:x + side // 2] = rng.integers(100, 255, 3, dtype=np.uint8)
+            Image.fromarray(arr).save(folder / f"{i:03d}.png")
+            if folder.name == "class":
+                (folder / f"{i:03d}.txt").write_text(CLASS_PROMPT)
+    (root / "done").write_text("")
+    return dirs
+
+
+def initializer(base: Path) -> str:
+    """A word that is one token in the base's vocabulary: pll (CLIP's BPE), else 'a' (the byte-level stand-in)."""
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(base / "tokenizer"))
+    return "pll" if len(tok("pll", add_special_tokens=False).input_ids) == 1 else "a"
+
+
+class GpuPeak:
+    """Peak memory.used of GPU 0 seen by nvidia-smi (every 0.2 s) while the block runs; None without it."""
+
+    def __enter__(self) -> GpuPeak:
+        self.peak: float | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self.stop.wait(0.2):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                      "-i", "0"], capture_output=True, text=True, timeout=10).stdout
+                self.peak = max(self.peak or 0.0, float(out.split()[0]) / 1024)
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def child(spec: dict) -> dict:
+    """In this process: `customdiff train` with the spec's settings, then `customdiff sample`; the numbers."""
+    from customdiff.cli import main as cli
+    from customdiff.config import TrainConfig
+    from customdiff.data import ConceptSpec
+    from customdiff.train import train
+
+    cuda = torch.cuda.is_available()
+    cfg = TrainConfig(**spec["config"])
+    concept = ConceptSpec(spec["photos"], INSTANCE_PROMPT, CLASS_PROMPT, reg_dir=spec["class"])
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    train(cfg, [concept], progress=False, timings=timings)
+    whole = time.perf_counter() - t0
+    if cuda:
+        peak, kind = torch.cuda.max_memory_allocated() / 2**30, "cuda_max_allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_rss"
+    dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(cfg.mixed_precision, "float32") if cuda else "float32"
+    t1 = time.perf_counter()
+    rc = cli(["sample", "--base", cfg.base, "--delta", cfg.out, "--prompt", INSTANCE_PROMPT, "--n", "4",
+              "--steps", str(spec["sample_steps"]), "--resolution", str(cfg.resolution), "--dtype", dtype,
+              "--out", spec["samples"]])
+    return {**timings, "whole_run_s": whole, "peak_gb": peak, "peak_kind": kind,
+            "sample_s": time.perf_counter() - t1 if rc == 0 else float("nan"), "sample_dtype": dtype}
+
+
+def run_example(script: str, a: argparse.Namespace, base: Path, photos: Path, classes: Path, out: Path) -> dict:
+    """diffusers' train_custom_diffusion.py on the same data and settings: whole run and nvidia-smi peak."""
+    cmd = [sys.executable, script, "--pretrained_model_name_or_path", str(base), "--instance_data_dir", str(photos),
+           "--class_data_dir", str(classes), "--instance_prompt", INSTANCE_PROMPT, "--class_prompt", CLASS_PROMPT,
+           "--with_prior_preservation", "--prior_loss_weight", "1.0", "--num_class_images",
+           str(len(list(classes.glob("*.png")))), "--resolution", str(a.resolution), "--train_batch_size",
+           str(a.batch_size // 2), "--max_train_steps", str(a.train_steps), "--learning_rate", "1e-5", "--scale_lr",
+           "--modifier_token", "<new1>", "--initializer_token", initializer(base), "--freeze_model", "crossattn_kv",
+           "--mixed_precision", a.mixed_precision, "--hflip", "--seed", "0", "--checkpointing_steps", "1000000",
+           "--output_dir", str(out)] + (["--gradient_checkpointing"] if a.gradient_checkpointing else [])
+    print("$ " + " ".join(f"'{c}'" if " " in c or "<" in c else c for c in cmd), flush=True)
+    t0 = time.perf_counter()
+    with GpuPeak() as gpu:
+        rc = subprocess.run(cmd).returncode
+    return {"whole_run_s": time.perf_counter() - t0, "rc": rc, "nvidia_smi_peak_gb": gpu.peak}
+
+
+def bench(a: argparse.Namespace) -> dict:
+    """Build (or reuse) the pipeline and data, run one configuration in a child process, print its numbers."""
+    work = Path(a.work)
+    base = pipeline_folder(a.arch, work)
+    photos, classes = make_data(work, a.resolution)
+    tag = f"{a.arch}-{a.resolution}px-b{a.batch_size}-{a.mixed_precision}{'-gc' if a.gradient_checkpointing else ''}"
+    run_dir = Path(tempfile.mkdtemp(prefix=tag + "-", dir=work))
+    settings = {"arch": a.arch, "resolution": a.resolution, "batch_size": a.batch_size, "steps": a.train_steps,
+                "mixed_precision": a.mixed_precision, "gradient_checkpointing": a.gradient_checkpointing,
+                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
+                "torch": torch.__version__}
+    if a.example:
+        result = {"program": "diffusers example", **run_example(a.example, a, base, photos, classes, run_dir)}
+    else:
+        config = {"base": str(base), "out": str(run_dir / "delta.safetensors"), "steps": a.train_steps,
+                  "batch_size": a.batch_size, "resolution": a.resolution, "mixed_precision": a.mixed_precision,
+                  "gradient_checkpointing": a.gradient_checkpointing, "seed": 0, "num_class_images": 0,
+                  "initializer": [initializer(base)], "frozen_weights": a.frozen_weights, "cache": a.cache,
+                  "prefetch": a.prefetch, "compile": a.compile, "channels_last": a.channels_last,
+                  "log_every": a.log_every}
+        spec = {"config": config, "photos": str(photos), "class": str(classes), "sample_steps": a.sample_steps,
+                "samples": str(run_dir / "samples")}
+        print("$ customdiff train --base {base} --concept {photos} --reg-dir {classes} --instance-prompt '{ip}' "
+              "--class-prompt '{cp}' --steps {steps} --batch-size {b} --resolution {r} --mixed-precision {mp}{gc} "
+              "--out {out}".format(base=base, photos=photos, classes=classes, ip=INSTANCE_PROMPT, cp=CLASS_PROMPT,
+                                   steps=a.train_steps, b=a.batch_size, r=a.resolution, mp=a.mixed_precision,
+                                   gc=" --gradient-checkpointing" if a.gradient_checkpointing else "",
+                                   out=config["out"]), flush=True)
+        with GpuPeak() as gpu:
+            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                                  text=True)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"the training run failed (exit {proc.returncode})")
+        result = {"program": "customdiff", **json.loads(lines[-1][7:]), "nvidia_smi_peak_gb": gpu.peak,
+                  "levers": {k: config[k] for k in ("frozen_weights", "cache", "prefetch", "compile",
+                                                    "channels_last", "log_every")}}
+    row = {**settings, **result}
+    print(json.dumps(row))
+    if a.json:
+        with open(a.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Build the chosen architecture, print its sizes, optionally save it and time training steps."""
+    """Build the chosen architecture, print its sizes, optionally save it, time training steps or whole runs."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", choices=list(EXPECTED), default="sdxl")
+    ap.add_argument("--arch", choices=ARCHS, default="sdxl")
     ap.add_argument("--out", help="save the pipeline here (a --base for every customdiff command)")
-    ap.add_argument("--steps", type=int, default=0, help="time this many training steps (0: none)")
+    ap.add_argument("--steps", type=int, default=0, help="time this many bare training steps (0: none)")
     ap.add_argument("--resolution", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=2)
+    g = ap.add_argument_group("the training benchmark (customdiff train + sample in a child process)")
+    g.add_argument("--train-steps", type=int, default=0, help="run `customdiff train` this many steps (0: no)")
+    g.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "realscale"),
+                   help="cache of built pipelines, synthetic data and run outputs")
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--sample-steps", type=int, default=50, help="steps of the 4 sampled images")
+    g.add_argument("--frozen-weights", choices=["auto", "float32"], default="auto")
+    g.add_argument("--no-cache", dest="cache", action="store_false")
+    g.add_argument("--prefetch", type=int, default=2)
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--compile", action="store_true")
+    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--example", metavar="SCRIPT", help="run diffusers' train_custom_diffusion.py instead")
+    g.add_argument("--json", metavar="FILE", help="append the numbers as a JSON line")
+    g.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.child:
+        print("RESULT " + json.dumps(child(json.loads(a.child))), flush=True)
+        return
+    if a.train_steps:
+        bench(a)
+        return
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Issue 10's GPU table in one command: customdiff train on random-weight SD 1.5 / SD 2.1 / SDXL architectures,
+# each lever on and off, and (with DIFFUSERS_EXAMPLE=path/to/train_custom_diffusion.py) diffusers' example on
+# the same data and settings. Every run appends one JSON line to $OUT; see docs/performance.md.
+#
+#   bash benchmarks/gpu_table.sh            # everything (about 25 minutes on an H100)
+#   bash benchmarks/gpu_table.sh sd15       # one group: sd15 | levers | example | sd21 | sdxl
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+WORK=${WORK:-/tmp/realscale}
+OUT=${OUT:-benchmarks/results-gpu.jsonl}
+STEPS=${STEPS:-250}
+groups=${*:-sd15 levers example sd21 sdxl}
+run() { "$PY" benchmarks/realscale.py --work "$WORK" --json "$OUT" "$@"; }
+sd15=(--arch sd15 --resolution 512 --batch-size 8 --train-steps "$STEPS")
+for g in $groups; do
+  case $g in
+    sd15)
+      run "${sd15[@]}" --mixed-precision fp16
+      run "${sd15[@]}" --mixed-precision bf16
+      run "${sd15[@]}" --mixed-precision fp16 --gradient-checkpointing ;;
+    levers)  # each lever off alone (fp16), then the two that are off by default on
+      run "${sd15[@]}" --mixed-precision fp16 --frozen-weights float32
+      run "${sd15[@]}" --mixed-precision fp16 --no-cache
+      run "${sd15[@]}" --mixed-precision fp16 --prefetch 0
+      run "${sd15[@]}" --mixed-precision fp16 --log-every 1
+      run "${sd15[@]}" --mixed-precision fp16 --channels-last
+      run "${sd15[@]}" --mixed-precision fp16 --compile ;;
+    example)
+      if [ -z "${DIFFUSERS_EXAMPLE:-}" ]; then
+        echo "example: set DIFFUSERS_EXAMPLE=path/to/examples/custom_diffusion/train_custom_diffusion.py" >&2
+      else
+        run "${sd15[@]}" --mixed-precision fp16 --example "$DIFFUSERS_EXAMPLE"
+        run "${sd15[@]}" --mixed-precision fp16 --gradient-checkpointing --example "$DIFFUSERS_EXAMPLE"
+      fi ;;
+    sd21)
+      run --arch sd21 --resolution 768 --batch-size 8 --train-steps "$STEPS" --mixed-precision fp16 ;;
+    sdxl)
+      run --arch sdxl --resolution 1024 --batch-size 2 --train-steps "$STEPS" --mixed-precision fp16
+      run --arch sdxl --resolution 1024 --batch-size 2 --train-steps "$STEPS" --mixed-precision bf16 ;;
+    *) echo "unknown group $g (sd15 | levers | example | sd21 | sdxl)" >&2; exit 2 ;;
+  esac
+done
+echo "results in $OUT"
