@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .conditioning import TextSide, is_xl, pipeline_name, sides
+from .conditioning import SD_PIPELINE, XL_PIPELINE, TextSide, is_xl, pipeline_name, sides
 from .errors import UserError
 from .outputs import atomic_path
 from .tokens import add_token_rows
@@ -82,8 +82,22 @@ def base_fingerprint(unet: torch.nn.Module, names: Sequence[str]) -> dict[str, A
     return {"sha256": h.hexdigest(), "norms": norms}
 
 
+def check_family(delta: Delta, unet: torch.nn.Module, source: str) -> None:
+    """Fail naming both families when an SD delta meets an SDXL UNet or the reverse (not as a missing layer)."""
+    # files from before SDXL support record no pipeline: their token rows say it (no rows: nothing to say)
+    made_for = delta.base.get("pipeline") or (XL_PIPELINE if delta.tokens_2 else SD_PIPELINE if delta.tokens else None)
+    if made_for is None:
+        return
+    text_time = getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+    base_is = XL_PIPELINE if text_time else SD_PIPELINE
+    if made_for != base_is:
+        raise UserError(f"{source}: made for a {made_for} base, this base is a {base_is}; use the base it was "
+                        "trained on")
+
+
 def check_base(delta: Delta, unet: torch.nn.Module, source: str) -> None:
     """Fail with a clear error when `delta` was trained on another base than `unet`."""
+    check_family(delta, unet, source)
     params = dict(unet.named_parameters())
     missing = [n for n in delta.param_names() if n not in params]
     if missing:

@@ -418,8 +418,10 @@ def import_reference(path: str | Path | Sequence[str | Path], pipe: Any, base_na
             continue
         name = _unet_name(str(key), pipe.unet.config)
         if name is None or name not in params:
+            hint = (" (this base is SDXL; diffusers' Custom Diffusion example trains SD 1.x/2.x only)"
+                    if fmt.startswith("diffusers-") and is_xl(pipe) else f" (this base is a {pipeline_name(pipe)})")
             raise UserError(f"{path}: {key} has no counterpart in the base UNet ({name}); is --base the model "
-                            "it was trained from?")
+                            f"it was trained from?{hint}")
         base = params[name].detach().float().cpu()
         if tuple(t.shape) != tuple(base.shape):
             raise UserError(f"{path}: {key} has shape {tuple(t.shape)}, the base {tuple(base.shape)}; "

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .conditioning import pipeline_name, states_for
-from .delta import NORM_RTOL, Delta, apply_deltas, base_fingerprint, check_base
+from .delta import NORM_RTOL, Delta, apply_deltas, base_fingerprint, check_base, check_family
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -281,6 +281,8 @@ def merge_deltas(deltas: Sequence[Delta], pipe: Any, reg_captions: Sequence[str]
         raise UserError("merge: give at least one delta")
     if not reg_captions:
         raise UserError("merge: no regularization captions")
+    for d, src in zip(deltas, sources, strict=True):
+        check_family(d, pipe.unet, src)  # an SD delta among SDXL ones is named as such
     _check_same_base(deltas, sources)
     for d, src in zip(deltas, sources, strict=True):
         check_base(d, pipe.unet, src)
