@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .flags import add_base, add_config_flags, add_deltas, add_device, add_out, config_from
+from .flags import (
+    add_base,
+    add_config_flags,
+    add_deltas,
+    add_device,
+    add_no_base,
+    add_out,
+    config_from,
+    refuse_base,
+)
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
@@ -28,6 +37,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 def _cmd_demo(a: argparse.Namespace) -> None:
     from ..demo import DemoConfig, run_demo
 
+    refuse_base(a)
     cfg = DemoConfig(out=a.out, concept=a.concept, steps=a.steps, seed=a.seed)
     if a.quick:
         cfg.steps, cfg.prompts, cfg.n, cfg.sample_steps, cfg.n_class = min(cfg.steps or 30, 30), 2, 2, 10, 8
@@ -37,6 +47,7 @@ def _cmd_demo(a: argparse.Namespace) -> None:
 def _cmd_bench(a: argparse.Namespace) -> None:
     from ..bench import BenchConfig, run_bench
 
+    refuse_base(a)
     cfg = BenchConfig.quick() if a.quick else BenchConfig()
     if a.concepts:
         cfg.concepts = a.concepts
@@ -81,6 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "see customdiff.toy.recipes)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     d.add_argument("--quick", action="store_true", help="a reduced run (30 steps, 2 prompts) for smoke tests")
+    add_no_base(d, "demo runs on the embedded toy world only and takes no base; for a Stable Diffusion or SDXL "
+                "folder use train, sample and eval with --base")
     d.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("bench", help="the paper's comparisons on the toy world (CD vs DreamBooth vs TI; joint vs "
@@ -102,4 +115,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "or 0 with --quick)")
     b.add_argument("--methods", nargs="+", choices=SINGLE_METHODS, metavar="NAME",
                    help=f"single-concept methods (default: all of {', '.join(SINGLE_METHODS)})")
+    add_no_base(b, "bench compares methods on the embedded toy world only and takes no base; for a Stable "
+                "Diffusion or SDXL folder use train and eval with --base")
     b.set_defaults(func=_cmd_bench)

@@ -11,6 +11,7 @@ from dataclasses import fields
 from typing import Any, TypeVar
 
 from ..config import BASE_HELP, field_type, flag_name
+from ..errors import UserError
 
 T = TypeVar("T")
 
@@ -37,6 +38,18 @@ def add_base(p: argparse.ArgumentParser, required: bool = True, note: str = "", 
     """--base: the base pipeline (`note` says what it is for in this command)."""
     shown = f" (default: {default})" if default is not None else ""
     p.add_argument("--base", required=required, default=default, help=BASE_HELP + note + shown)
+
+
+def add_no_base(p: argparse.ArgumentParser, why: str) -> None:
+    """A hidden --base for a command that takes none: `refuse_base` answers it with `why` (toy is accepted)."""
+    p.add_argument("--base", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(no_base_why=why)
+
+
+def refuse_base(a: argparse.Namespace) -> None:
+    """A one-line UserError when a command without a base was given one (other than the toy world)."""
+    if getattr(a, "base", None) not in (None, "toy"):
+        raise UserError(f"--base {a.base}: {a.no_base_why}")
 
 
 def add_out(p: argparse.ArgumentParser, help: str, metavar: str = "DIR", required: bool = True,

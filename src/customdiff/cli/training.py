@@ -7,7 +7,16 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-from .flags import add_base, add_config_flags, add_device, add_out, config_from, device
+from .flags import (
+    add_base,
+    add_config_flags,
+    add_device,
+    add_no_base,
+    add_out,
+    config_from,
+    device,
+    refuse_base,
+)
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
@@ -34,6 +43,7 @@ def _cmd_retrieve(a: argparse.Namespace) -> None:
     from ..retrieve import retrieve
     from ..validate import check_number, check_out_dir, deferred_warnings
 
+    refuse_base(a)
     with deferred_warnings():
         check_number("-n", a.n, 1, 1_000_000)
         if not Path(a.corpus).is_dir():
@@ -77,4 +87,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--clip", metavar="PATH", help="CLIP folder in transformers format (default: the toy CLIP)")
     r.add_argument("--index", metavar="FILE", help="embedding cache (default: CORPUS/.customdiff_index.safetensors)")
     add_device(r)
+    add_no_base(r, "retrieve takes no base: it ranks --corpus with a CLIP (--clip PATH), and the images it copies "
+                "serve any base (SD or SDXL) as train --reg-dir")
     r.set_defaults(func=_cmd_retrieve)
