@@ -36,7 +36,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     notes = [f"Settings: {s['n']} images per prompt, {s['steps']} steps, guidance {s['guidance']}, seed {s['seed']}; "
              f"CLIP {s['clip']}; KID over {s['kid_subsets']} subsets."]
     notes += [f"KID '{cp}': {g} generated vs {r} real images" for cp, (g, r) in kids.items()]
-    notes += [f"{k}: {s[k]}" for k in ("base", "deltas", "dataset") if k in s]
+    notes += [f"{k}: {s[k]}" for k in ("base", "pipeline", "deltas", "dataset") if s.get(k) is not None]
     if probe:
         notes.append("Fidelity, context and leakage are read by the toy world's probe (docs/EVAL.md).")
     return "\n".join(["# Evaluation", "", *lines, "", *(f"- {x}" for x in notes), "",

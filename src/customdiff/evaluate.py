@@ -188,6 +188,7 @@ def _probe_metrics(judge: Any, e: EvalEntry, images: list[Image.Image], prompts:
 def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Load everything, evaluate, and publish metrics.json, metrics.md and images/ into `cfg.out` atomically."""
     from .base import default_device, load_pipeline
+    from .conditioning import pipeline_name
     from .delta import apply_deltas, load_delta
 
     cfg.validate()
@@ -214,7 +215,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         result = evaluate(pipe, entries, clip, cfg, images_in=cfg.images,
                           images_out=None if cfg.images is not None else staging / IMAGES_DIR, progress=progress,
                           judge=judge)
-        result["settings"].update(base=cfg.base, deltas=list(cfg.deltas), dataset=str(cfg.dataset),
-                                  device=str(device))
+        result["settings"].update(base=cfg.base, pipeline=None if pipe is None else pipeline_name(pipe),
+                                  deltas=list(cfg.deltas), dataset=str(cfg.dataset), device=str(device))
         write_results(result, staging)
     return result
