@@ -26,10 +26,10 @@ def free_port() -> int:
 
 
 class UIServer:
-    """`customdiff ui --base toy` in a subprocess, on a free port, over `workdir`."""
+    """`customdiff ui --base BASE` (toy unless given) in a subprocess, on a free port, over `workdir`."""
 
-    def __init__(self, workdir: Path, log: Path):
-        self.workdir, self.log_path, self.port = workdir, log, free_port()
+    def __init__(self, workdir: Path, log: Path, base: str = "toy"):
+        self.workdir, self.log_path, self.port, self.base = workdir, log, free_port(), base
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -39,7 +39,7 @@ class UIServer:
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
         self.log = open(self.log_path, "a")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "customdiff", "ui", "--base", "toy", "--port", str(self.port),
+            [sys.executable, "-m", "customdiff", "ui", "--base", self.base, "--port", str(self.port),
              "--workdir", str(self.workdir)], stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:

@@ -85,7 +85,10 @@ def _number(name: str, value: float, lo: float, hi: float) -> None:
 
 def create_app(wd: Workdir, trainer: Trainer, tasks: Tasks, base: str, loopback: bool = True) -> Any:
     """The FastAPI application over a work folder, a training worker and a task runner."""
+    from ..conditioning import pipeline_name
+
     settings = Settings(base)
+    pipeline = pipeline_name(tasks.pipe)  # StableDiffusionPipeline or StableDiffusionXLPipeline
 
     @asynccontextmanager
     async def lifespan(app: Any) -> Any:
@@ -136,7 +139,7 @@ def create_app(wd: Workdir, trainer: Trainer, tasks: Tasks, base: str, loopback:
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
-        return {"base": base, "toy": settings.is_toy, "toy_classes": settings.toy_classes,
+        return {"base": base, "pipeline": pipeline, "toy": settings.is_toy, "toy_classes": settings.toy_classes,
                 "resolution": settings.resolution, "defaults": settings.defaults, "workdir": str(wd.root),
                 "min_photos": MIN_PHOTOS, "max_photos": MAX_PHOTOS}
 

@@ -297,7 +297,8 @@ class Trainer:
         """A grid of the instance prompt sampled with the weights trained so far."""
         from ..sample import generate, make_grid
 
-        modes = [(m, m.training) for m in (pipe.unet, pipe.text_encoder)]
+        trained = (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))  # SDXL: its rows train too
+        modes = [(m, m.training) for m in trained if m is not None]
         for m, _ in modes:
             m.eval()
         try:

@@ -26,10 +26,12 @@ class Tasks:
 
     def __init__(self, wd: Workdir, base: str, device: str = "cpu"):
         from ..base import load_pipeline
+        from ..conditioning import sides
 
         self.wd, self.base, self.device = wd, base, device
         self.pipe = load_pipeline(base, device=device)
-        self.vocab = set(self.pipe.tokenizer.get_vocab())
+        # a new token must be new to every tokenizer (SDXL has two)
+        self.vocab = {w for side in sides(self.pipe) for w in getattr(self.pipe, side.tokenizer).get_vocab()}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="customdiff-task")
         self.tasks: dict[str, dict[str, Any]] = {}
         self.lock = threading.Lock()

@@ -386,7 +386,8 @@ async function sample() {
 async function start() {
   INFO = await api("/api/info");
   const d = INFO.defaults;
-  $("base-info").textContent = `base: ${INFO.base} · work folder: ${INFO.workdir}`;
+  const family = INFO.pipeline === "StableDiffusionXLPipeline" ? " (SDXL)" : "";
+  $("base-info").textContent = `base: ${INFO.base}${family} · work folder: ${INFO.workdir}`;
   $("token").value = d.token;
   $("steps").value = d.steps;
   $("learning-rate").value = d.learning_rate;
