@@ -255,6 +255,14 @@ class GpuPeak:
         self.thread.join()
 
 
+def _rss_gb() -> float:
+    """The process's resident set size now (VmRSS), in GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def child(spec: dict) -> dict:
     """In this process: `customdiff train` with the spec's settings, then `customdiff sample`; the numbers."""
     from customdiff.cli import main as cli
@@ -266,8 +274,14 @@ def child(spec: dict) -> dict:
     cfg = TrainConfig(**spec["config"])
     concept = ConceptSpec(spec["photos"], INSTANCE_PROMPT, CLASS_PROMPT, reg_dir=spec["class"])
     timings: dict[str, float] = {}
+    resident: list[float] = []
+
+    def after_step(step: int, loss: float) -> None:
+        """Resident memory after each step (CPU only: the callback reads the loss, a sync on a GPU)."""
+        resident.append(_rss_gb())
+
     t0 = time.perf_counter()
-    train(cfg, [concept], progress=False, timings=timings)
+    train(cfg, [concept], progress=False, timings=timings, callback=None if cuda else after_step)
     whole = time.perf_counter() - t0
     if cuda:
         peak, kind = torch.cuda.max_memory_allocated() / 2**30, "cuda_max_allocated"
@@ -279,6 +293,7 @@ def child(spec: dict) -> dict:
               "--steps", str(spec["sample_steps"]), "--resolution", str(cfg.resolution), "--dtype", dtype,
               "--out", spec["samples"]])
     return {**timings, "whole_run_s": whole, "peak_gb": peak, "peak_kind": kind,
+            "rss_after_steps_gb": max(resident) if resident else None,
             "sample_s": time.perf_counter() - t1 if rc == 0 else float("nan"), "sample_dtype": dtype}
 
 
