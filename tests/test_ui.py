@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import zipfile
 from pathlib import Path
 
@@ -124,28 +123,17 @@ def test_queue_library_merge_compress_export_sample(server):
     info = server.get("/api/deltas")["deltas"][0]
     assert info["base"] == "toy" and info["tokens"] == [{"token": "<new1>", "class": cls}] and info["steps"] == 12
 
-    def task(kind: str, path: str, body: dict) -> dict:
-        status, r = server.post_json(path, body)
-        assert status == 200, r
-        for _ in range(600):
-            t = server.get(f"/api/tasks/{r['task']}")
-            if t["state"] in ("done", "failed"):
-                assert t["state"] == "done", t["error"]
-                return t["result"]
-            time.sleep(0.2)
-        raise AssertionError(f"{kind} did not finish")
-
-    merged = task("merge", "/api/deltas/merge", {"deltas": names, "name": "both"})
+    merged = server.run_task("/api/deltas/merge", {"deltas": names, "name": "both"})
     assert merged["delta"] == "both.safetensors" and sorted(merged["tokens"]) == ["<new1>", "<new2>"]
     assert merged["worst"] < 1e-3 and merged["residuals"]
-    small = task("compress", "/api/deltas/both.safetensors/compress", {"energy": 0.6})
+    small = server.run_task("/api/deltas/both.safetensors/compress", {"energy": 0.6})
     assert small["after"] < small["before"]
-    lora = task("export", f"/api/deltas/{names[0]}/export", {})
+    lora = server.run_task(f"/api/deltas/{names[0]}/export", {})
     status, body = server.request("GET", f"/api/exports/{lora['zip']}")
     assert status == 200
     assert any(n.endswith("pytorch_lora_weights.safetensors") for n in zipfile.ZipFile(io.BytesIO(body)).namelist())
 
-    shots = task("sample", "/api/sample", {"deltas": [small["delta"]], "prompts": [f"photo of a <new2> {cls}"],
+    shots = server.run_task("/api/sample", {"deltas": [small["delta"]], "prompts": [f"photo of a <new2> {cls}"],
                                            "n": 2, "seed": 3, "steps": 4})
     assert [im["file"] for im in shots["images"]] == ["0000.png", "0001.png"] and shots["seed"] == 3
     status, body = server.request("GET", f"/api/samples/{shots['folder']}/images.zip")

@@ -112,6 +112,19 @@ class UIServer:
             time.sleep(0.3)
         raise AssertionError(f"job {job_id} did not reach the state in {timeout} s: {job}")
 
+    def run_task(self, path: str, body: dict[str, Any], timeout: float = 120.0) -> Any:
+        """POST a library task (merge, compress, export, sample), wait for it to succeed; its result."""
+        status, r = self.post_json(path, body)
+        assert status == 200, r
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            t = self.get(f"/api/tasks/{r['task']}")
+            if t["state"] in ("done", "failed"):
+                assert t["state"] == "done", t["error"]
+                return t["result"]
+            time.sleep(0.1)
+        raise AssertionError(f"{path} did not finish in {timeout} s")
+
 
 def toy_concept() -> tuple[Path, str]:
     """A toy concept with at least 3 photos and toy class images: its photo folder and class word."""
