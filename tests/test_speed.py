@@ -10,7 +10,7 @@ from customdiff import model as model_module
 from customdiff import train as train_module
 from customdiff.base import load_pipeline
 from customdiff.config import TrainConfig
-from customdiff.data import ConceptSpec, TrainData, prefetch
+from customdiff.data import ConceptSpec, TrainData, center_square, image_to_tensor, prefetch
 from customdiff.delta import load_delta
 from customdiff.errors import UserError
 from customdiff.model import CustomDiffusion
@@ -38,6 +38,18 @@ def test_prefetch_yields_the_loop_batches_bit_for_bit(concept_dirs, depth):
     assert all(_same_batch(a, b) for a, b in zip(ahead, direct, strict=True))
     # regularization images are marked for the latent cache, augmented targets are not
     assert direct[0]["latent_keys"][:2] == [None, None] and all(k[0] == "reg" for k in direct[0]["latent_keys"][2:])
+
+
+def test_regularization_pixels_are_prepared_once_and_unchanged(concept_dirs):
+    data = TrainData(_spec(concept_dirs), 32, 2)
+    batch = data.batch(3, 0, 0, 4)
+    reg = [int(k[1]) for k in batch["latent_keys"] if k is not None]
+    for row, i in zip(batch["pixel_values"][2:], reg, strict=True):
+        assert torch.equal(row, image_to_tensor(center_square(data.reg[i][0], 32)))
+    kept = dict(data._reg_pixels)
+    assert set(kept) == set(reg)
+    data.batch(3, 0, 0, 4)
+    assert all(data._reg_pixels[i] is kept[i] for i in reg)  # resized once, not every step
 
 
 def test_prefetch_stops_cleanly_and_passes_errors_on(concept_dirs):

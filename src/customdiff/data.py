@@ -314,6 +314,7 @@ class TrainData:
         self.size, self.factor, self.augment, self.flip = size, factor, augment, flip
         self.instances: list[tuple[Image.Image, str]] = []
         self.reg: list[tuple[Image.Image, str]] = []
+        self._reg_pixels: dict[int, torch.Tensor] = {}  # index -> uint8 (3, S, S): reg pixels never change
         cache = cache if cache is not None else {}
 
         def get(p: Path) -> Image.Image:
@@ -354,13 +355,22 @@ class TrainData:
             ids.append(t)
         for i in rng.choice(len(self.reg), n_reg, replace=n_reg > len(self.reg)) if n_reg else []:
             im, caption = self.reg[int(i)]
-            pixels.append(image_to_tensor(center_square(im, self.size)))
+            pixels.append(self.reg_pixels(int(i)))
             masks.append(torch.ones(self.size // self.factor, self.size // self.factor))
             prompts.append(caption)
             ids.append(size_and_crop(im.size, self.size, (0, 0), self.size))
             keys.append(("reg", int(i)))
         return {"pixel_values": torch.stack(pixels), "mask": torch.stack(masks).unsqueeze(1), "prompts": prompts,
                 "time_ids": torch.stack(ids), "latent_keys": keys}
+
+
+    def reg_pixels(self, i: int) -> torch.Tensor:
+        """Regularization image i as the float (3, S, S) tensor of its centre square, resized once and kept as
+        uint8 (an eighth of the float size): a reg image is never augmented, so every step sees the same pixels."""
+        if i not in self._reg_pixels:
+            sq = center_square(self.reg[i][0], self.size)
+            self._reg_pixels[i] = torch.from_numpy(np.asarray(sq, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return self._reg_pixels[i].float() / 127.5 - 1.0
 
 
 def prefetch(make: Callable[[int], T], keys: Iterable[int], depth: int = 2,
