@@ -1,10 +1,10 @@
 """Rebuild every shipped toy asset from scratch: `python -m customdiff.toy.build [--out DIR] [--quick]`.
 
 Stages (each checkpointed under the work dir; a rerun skips finished stages and resumes training):
-data -> vae -> unet+text -> clip -> probe -> concepts -> export (fp16 assets) -> quality.
-clip and probe need only the data, so on two cores they can run beside vae and unet, one thread each:
-`--stages data,vae,unet --threads 1` in one process and `--stages clip,probe --threads 1` in another (it waits
-for the data), then a plain run finishes the rest.
+data -> vae -> clip -> unet+text -> probe -> concepts -> export (fp16 assets) -> quality.
+The base's text encoder starts from the CLIP's text tower, so the unet stage waits for clip; vae and probe need
+only the data. On two cores: `--stages data,vae,clip --threads 1` in one process and `--stages probe --threads 1`
+in another (it waits for the data); then `--stages unet --threads 2`, and a plain run finishes the rest.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from . import ASSETS
 
 log = logging.getLogger("customdiff.toy.build")
-STAGES = ("data", "vae", "unet", "clip", "probe", "concepts", "export", "quality")
+STAGES = ("data", "vae", "clip", "unet", "probe", "concepts", "export", "quality")
 
 
 @dataclass
@@ -31,7 +31,7 @@ class BuildConfig:
 
     n_images: int = 40000
     vae_steps: int = 600
-    unet_steps: int = 12000
+    unet_steps: int = 16000
     clip_steps: int = 4000
     probe_steps: int = 3000
     n_class_images: int = 200
@@ -96,14 +96,20 @@ class Builder:
         self._note("vae", {"final_loss": float(np.mean(losses[-100:])), "scaling_factor": scaling})
 
     def unet(self) -> None:
+        from transformers import CLIPModel
+
+        from .models import text_encoder_from_clip
         from .train_base import tokenize, train_unet_text
 
+        self.wait_for("vae")
+        self.wait_for("clip")
         _, _, captions = self._world()
         lat = torch.load(self.work / "latents.pt", weights_only=True)
         ids = tokenize(self.tokenizer, captions)
         empty = tokenize(self.tokenizer, [""])[0]
-        unet, te, losses = train_unet_text(lat["mean"].float(), lat["scaling"], ids, empty,
-                                           self.tokenizer, self.work / "unet.pt", self.cfg.unet_steps)
+        te = text_encoder_from_clip(CLIPModel.from_pretrained(self.work / "clip_final"))
+        unet, te, losses = train_unet_text(lat["mean"].float(), lat["scaling"], ids, empty, te,
+                                           self.work / "unet.pt", self.cfg.unet_steps)
         unet.save_pretrained(self.work / "unet_final")
         te.save_pretrained(self.work / "te_final")
         self._note("unet+text", {"final_loss": float(np.mean(losses[-100:])), "first_loss": losses[0]})
@@ -178,22 +184,30 @@ class Builder:
         for name in STAGES[STAGES.index(first):]:
             (self.work / f"{name}.done").unlink(missing_ok=True)
 
-    def wait_for_data(self, timeout_s: float = 600.0) -> None:
-        """Wait for a parallel process to finish the data stage; a clear error if none does in time."""
-        if (self.work / "data.done").exists():
+    def wait_for(self, stage: str, timeout_s: float = 600.0) -> None:
+        """Wait for a parallel build process to finish `stage`; a clear error if none does in time.
+
+        The time limit restarts whenever that stage's checkpoint changes (a long training stage in progress).
+        """
+        marker = self.work / f"{stage}.done"
+        if marker.exists():
             return
-        log.info("waiting for the data stage (run by another build process with --stages data,...)")
-        t0 = time.time()
-        while not (self.work / "data.done").exists():
+        log.info("waiting for the %s stage (run by another build process)", stage)
+        ckpt = self.work / f"{stage}.pt"
+        seen, t0 = None, time.time()
+        while not marker.exists():
+            stamp = ckpt.stat().st_mtime if ckpt.exists() else None
+            if stamp != seen:
+                seen, t0 = stamp, time.time()
             if time.time() - t0 > timeout_s:
-                raise SystemExit(f"{self.work}: the data stage has not run; start a build whose --stages "
-                                 "include data (see --help)")
+                raise SystemExit(f"{self.work}: the {stage} stage has not run; start a build whose --stages "
+                                 f"include {stage} (see --help)")
             time.sleep(5)
 
     def run(self, stages: tuple[str, ...] = STAGES) -> None:
         """The given stages (all by default); after the last one, a build report next to the assets."""
         if "data" not in stages:
-            self.wait_for_data()
+            self.wait_for("data")
         for name in stages:
             self.stage(name, getattr(self, name))
         if not all((self.work / f"{n}.done").exists() for n in STAGES):

@@ -37,16 +37,13 @@ def make_unet():
     )
 
 
-def make_text_encoder(vocab_size: int, bos_id: int, eos_id: int):
-    """CLIPTextModel: 3 layers, hidden 64."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def text_encoder_from_clip(clip):
+    """A stand-alone CLIPTextModel holding a copy of a CLIPModel's text tower (the base's starting text encoder)."""
+    from transformers import CLIPTextModel
 
-    cfg = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=TEXT_HIDDEN,
-        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id,
-    )
-    return CLIPTextModel(cfg)
+    te = CLIPTextModel(clip.config.text_config)
+    te.load_state_dict(clip.text_model.state_dict())
+    return te
 
 
 def make_scheduler():
@@ -66,7 +63,8 @@ def make_clip(vocab_size: int, bos_id: int, eos_id: int, patch: int = 4, vision_
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
     text = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=text_layers,
+        vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN,
+        num_hidden_layers=text_layers,
         num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=bos_id, eos_token_id=eos_id,
         pad_token_id=eos_id,
     )

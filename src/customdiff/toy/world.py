@@ -332,25 +332,25 @@ def paint_pattern(patch: Image.Image, pattern: str, colour: tuple[int, int, int]
                   base: tuple[int, int, int]) -> None:
     """Paint a surface pattern in `colour` over a square object patch of colour `base` (the mask cuts it later).
 
-    The patterns are coarse enough to survive the box filter down to a 14-26 px object.
+    The patterns are coarse enough to survive the box filter down to a 14-26 px object and the VAE's 2x
+    downsampling: the UNet renders a pattern cell of 2-3 latent pixels poorly, and in world v2's first build it
+    drew 4x4 checks as dots and a small ring as dots (docs/toy_model_card.md), so checks are 2 x 2 and the ring
+    is wide around an empty centre.
     """
     d, s = ImageDraw.Draw(patch), patch.size[0]
-    if pattern == "checks":  # 4 x 4 cells
-        c = s / 4
-        for i in range(4):
-            for j in range(4):
-                if (i + j) % 2:
-                    d.rectangle((i * c, j * c, (i + 1) * c - 1, (j + 1) * c - 1), fill=colour)
+    if pattern == "checks":  # 2 x 2 cells: the upper right and lower left quarters
+        d.rectangle((s / 2, 0, s, s / 2 - 1), fill=colour)
+        d.rectangle((0, s / 2, s / 2 - 1, s), fill=colour)
     elif pattern == "stripes":  # three horizontal stripes
         for k in (1, 3, 5):
             d.rectangle((0, k * s / 7, s, (k + 1) * s / 7 - 1), fill=colour)
     elif pattern == "dots":  # five dots in a quincunx
-        r = 0.11 * s
+        r = 0.12 * s
         for cx, cy in ((0.3, 0.36), (0.7, 0.36), (0.5, 0.56), (0.3, 0.76), (0.7, 0.76)):
             d.ellipse((cx * s - r, cy * s - r, cx * s + r, cy * s + r), fill=colour)
-    elif pattern == "ring":  # a thick ring around the centre
-        d.ellipse((0.2 * s, 0.27 * s, 0.8 * s, 0.87 * s), fill=colour)
-        d.ellipse((0.36 * s, 0.43 * s, 0.64 * s, 0.71 * s), fill=base)
+    elif pattern == "ring":  # a wide ring around an empty centre (the centre is where dots have a dot)
+        d.ellipse((0.14 * s, 0.21 * s, 0.86 * s, 0.93 * s), fill=colour)
+        d.ellipse((0.33 * s, 0.4 * s, 0.67 * s, 0.74 * s), fill=base)
     elif pattern == "band":  # one wide horizontal band through the middle
         d.rectangle((0, 0.44 * s, s, 0.66 * s), fill=colour)
     elif pattern == "half":  # the lower half in the second colour
