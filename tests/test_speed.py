@@ -46,10 +46,10 @@ def test_regularization_pixels_are_prepared_once_and_unchanged(concept_dirs):
     reg = [int(k[1]) for k in batch["latent_keys"] if k is not None]
     for row, i in zip(batch["pixel_values"][2:], reg, strict=True):
         assert torch.equal(row, image_to_tensor(center_square(data.reg[i][0], 32)))
-    kept = dict(data._reg_pixels)
+    kept = dict(data._reg_squares)
     assert set(kept) == set(reg)
     data.batch(3, 0, 0, 4)
-    assert all(data._reg_pixels[i] is kept[i] for i in reg)  # resized once, not every step
+    assert all(data._reg_squares[i] is kept[i] for i in reg)  # resized once, not every step
 
 
 def test_prefetch_stops_cleanly_and_passes_errors_on(concept_dirs):

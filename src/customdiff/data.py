@@ -314,7 +314,7 @@ class TrainData:
         self.size, self.factor, self.augment, self.flip = size, factor, augment, flip
         self.instances: list[tuple[Image.Image, str]] = []
         self.reg: list[tuple[Image.Image, str]] = []
-        self._reg_pixels: dict[int, torch.Tensor] = {}  # index -> uint8 (3, S, S): reg pixels never change
+        self._reg_squares: dict[int, Image.Image] = {}  # index -> its S x S centre square (reg images never change)
         cache = cache if cache is not None else {}
 
         def get(p: Path) -> Image.Image:
@@ -363,14 +363,12 @@ class TrainData:
         return {"pixel_values": torch.stack(pixels), "mask": torch.stack(masks).unsqueeze(1), "prompts": prompts,
                 "time_ids": torch.stack(ids), "latent_keys": keys}
 
-
     def reg_pixels(self, i: int) -> torch.Tensor:
-        """Regularization image i as the float (3, S, S) tensor of its centre square, resized once and kept as
-        uint8 (an eighth of the float size): a reg image is never augmented, so every step sees the same pixels."""
-        if i not in self._reg_pixels:
-            sq = center_square(self.reg[i][0], self.size)
-            self._reg_pixels[i] = torch.from_numpy(np.asarray(sq, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return self._reg_pixels[i].float() / 127.5 - 1.0
+        """Regularization image i as the (3, S, S) tensor of its centre square, resized once (a reg image is never
+        augmented, so every step sees the same pixels)."""
+        if i not in self._reg_squares:
+            self._reg_squares[i] = center_square(self.reg[i][0], self.size)
+        return image_to_tensor(self._reg_squares[i])
 
 
 def prefetch(make: Callable[[int], T], keys: Iterable[int], depth: int = 2,

@@ -64,9 +64,8 @@ def make_clip(vocab_size: int, bos_id: int, eos_id: int, patch: int = 4, vision_
 
     text = CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=bos_id, eos_token_id=eos_id,
-        pad_token_id=eos_id,
+        num_hidden_layers=text_layers, num_attention_heads=4, max_position_embeddings=MAX_LENGTH,
+        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id,
     )
     vision = CLIPVisionConfig(
         image_size=SIZE, patch_size=patch, hidden_size=vision_width, intermediate_size=4 * vision_width,
