@@ -20,12 +20,13 @@ for g in $groups; do
       run "${sd15[@]}" --mixed-precision fp16
       run "${sd15[@]}" --mixed-precision bf16
       run "${sd15[@]}" --mixed-precision fp16 --gradient-checkpointing ;;
-    levers)  # each lever off alone (fp16), then the two that are off by default on
+    levers)  # each lever off alone (fp16), then the three that are off by default on
       run "${sd15[@]}" --mixed-precision fp16 --frozen-weights float32
       run "${sd15[@]}" --mixed-precision fp16 --no-cache
       run "${sd15[@]}" --mixed-precision fp16 --prefetch 0
       run "${sd15[@]}" --mixed-precision fp16 --log-every 1
       run "${sd15[@]}" --mixed-precision fp16 --channels-last
+      run "${sd15[@]}" --mixed-precision fp16 --cudnn-benchmark
       run "${sd15[@]}" --mixed-precision fp16 --compile ;;
     example)
       if [ -z "${DIFFUSERS_EXAMPLE:-}" ]; then

@@ -24,6 +24,6 @@ def test_realscale_training_benchmark_smoke(tmp_path):
                     "--sample-steps", "2", "--work", str(tmp_path / "work"), "--json", str(out)])
     row = json.loads(out.read_text().splitlines()[-1])
     assert row["program"] == "customdiff" and row["steps"] == 2 and row["peak_kind"] == "peak_rss"
-    for key in ("first_step_s", "steps_per_s", "whole_run_s", "peak_gb", "data_wait_share", "sample_s"):
+    for key in ("first_step_s", "steps_per_s", "whole_run_s", "process_s", "peak_gb", "data_wait_share", "sample_s"):
         assert row[key] == row[key] and row[key] > 0 or key == "data_wait_share", key  # numbers, not NaN
     assert len(list((tmp_path / "work").glob("tiny-64px-*/samples/*.png"))) >= 4

@@ -92,6 +92,8 @@ class TrainConfig:
     log_every: int = opt(10, "read the loss back (progress bar, divergence check, TensorBoard) every N steps; "
                          "each read waits for the GPU", lo=1, resume=False)
     channels_last: bool = opt(False, "channels-last memory format for the UNet and VAE (CUDA only)", resume=False)
+    cudnn_benchmark: bool = opt(False, "let cuDNN time its kernels for each new shape (CUDA only): slower first step, "
+                                "and its trial workspaces count in the peak memory", resume=False)
     compile: bool = opt(False, "torch.compile the UNet (minutes of compilation before the first step)",
                         resume=False)
     num_class_images: int = opt(200, "regularization images to generate per concept when it has no --reg-dir "

@@ -258,7 +258,7 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     losses: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not yet read back
     clock.loop()
     benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = benchmark or cuda  # fixed shapes: let cuDNN pick its fastest kernels
+    torch.backends.cudnn.benchmark = benchmark or (cuda and cfg.cudnn_benchmark)
     try:
         for step in range(start, cfg.steps):
             for micro in range(ga):
