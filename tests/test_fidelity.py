@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from customdiff.toy.fidelity import judge, leakage, parse_prompt, summarize
+from customdiff.toy.fidelity import images_to_tensor, judge, leakage, parse_prompt, summarize
 from customdiff.toy.probe import HEADS, Reading, scene_targets
 from customdiff.toy.world import PERSONAL, Look, sample_scene
 
@@ -70,3 +71,13 @@ def test_probe_targets_follow_reading_order():
         assert second == (sc.objects[1].shape if len(sc.objects) == 2 else "absent")
         plain = sc.objects[0].look.pattern == "plain"
         assert (row[cols.index("pattern_colour0")] == -1) == plain
+
+
+def test_images_to_tensor_reads_pil_uint8_and_float_images_alike():
+    from PIL import Image
+
+    arr = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    x = images_to_tensor([Image.fromarray(arr), arr, arr.astype(np.float32) / 255.0])
+    assert x.shape == (3, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    torch.testing.assert_close(x[1], x[0])
+    torch.testing.assert_close(x[2], x[0])

@@ -195,3 +195,16 @@ def test_timings_are_reported(tiny_base, concept_dirs, tmp_path):
           _spec(concept_dirs), progress=False, timings=timings)
     assert timings["steps_after_first"] == 2 and timings["first_step_s"] >= timings["setup_s"] > 0
     assert timings["steps_per_s"] > 0 and 0 <= timings["data_wait_share"] < 1
+
+
+def test_vae_encodes_one_image_at_a_time_with_the_batch_result(tiny_base):
+    m, _ = _tiny_model(tiny_base, cache=False)
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    seen = []
+    hook = m.vae.encoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    sliced = m._moments(pixels)
+    hook.remove()
+    assert seen == [1, 1, 1]  # the activations of one image at a time, never the batch's
+    with torch.no_grad():
+        batched = m.vae.encode(pixels).latent_dist.parameters
+    torch.testing.assert_close(sliced, batched, rtol=1e-5, atol=1e-5)

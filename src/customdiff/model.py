@@ -109,8 +109,11 @@ class CustomDiffusion(nn.Module):
         """The VAE posterior's parameters (B, 2 * 4, h, w): mean and log-variance."""
         # a float32 VAE that asks for upcasting (SDXL's overflows in float16) encodes outside fp16 autocast
         upcast = self.vae.dtype == torch.float32 and getattr(self.vae.config, "force_upcast", False)
+        # one image at a time: the encoder's full-resolution activations are the largest tensors of a step
+        # (SD 1.5, 4 images at 512 px in float32: 2.5 GiB at once, 0.8 GiB one by one; benchmarks/vae_memory.py)
         with torch.autocast(pixels.device.type, enabled=False) if upcast else nullcontext():
-            return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
+            return torch.cat([self.vae.encode(one.to(self.vae.dtype)).latent_dist.parameters
+                              for one in pixels.split(1)])
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None,

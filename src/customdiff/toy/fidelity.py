@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,9 +153,13 @@ def leakage(readings: Sequence[Reading], look: Look) -> float:
 
 
 def images_to_tensor(images: Sequence) -> torch.Tensor:
-    """PIL images or float arrays in [0, 1] -> (N, 3, H, W) in [-1, 1]."""
-    arr = np.stack([im if isinstance(im, np.ndarray) else np.asarray(im.convert("RGB"), np.float32) / 255.0
-                    for im in images])
+    """PIL images, uint8 arrays (0-255) or float arrays in [0, 1] -> (N, 3, H, W) in [-1, 1]."""
+    def unit(im: Any) -> np.ndarray:
+        if not isinstance(im, np.ndarray):
+            return np.asarray(im.convert("RGB"), np.float32) / 255.0
+        return im.astype(np.float32) / 255.0 if np.issubdtype(im.dtype, np.integer) else im
+
+    arr = np.stack([unit(im) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() * 2 - 1
 
 
