@@ -208,3 +208,19 @@ def test_vae_encodes_one_image_at_a_time_with_the_batch_result(tiny_base):
     with torch.no_grad():
         batched = m.vae.encode(pixels).latent_dist.parameters
     torch.testing.assert_close(sliced, batched, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("owned", [False, True])
+def test_a_pipeline_passed_in_is_stored_low_only_when_owned(tiny_base, concept_dirs, tmp_path, owned,
+                                                            fresh_accelerate):
+    _reset_accelerate()
+    pipe = load_pipeline(tiny_base)
+    cfg = TrainConfig(base=tiny_base, out=str(tmp_path / "d.safetensors"), steps=2, batch_size=2,
+                      mixed_precision="bf16")
+    delta = load_delta(train(cfg, _spec(concept_dirs), progress=False, pipe=pipe, pipe_owned=owned))
+    dtypes = {n: p.dtype for n, p in pipe.unet.named_parameters()}
+    trained = set(trainable_names(pipe.unet, "crossattn_kv"))
+    assert all(dtypes[n] == torch.float32 for n in trained)
+    frozen = {dtypes[n] for n in dtypes if n not in trained and "norm" not in n}
+    assert frozen == ({torch.bfloat16} if owned else {torch.float32})
+    assert all(v.dtype == torch.float32 for v in delta.weights.values())

@@ -154,10 +154,13 @@ def _reg_sources(cfg: TrainConfig, specs: list[ConceptSpec], pipe: Any, is_main:
 
 
 def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pipe: Any = None,
-          callback: StepCallback | None = None, timings: dict[str, float] | None = None) -> Path:
+          callback: StepCallback | None = None, timings: dict[str, float] | None = None,
+          pipe_owned: bool = False) -> Path:
     """Fine-tune cross-attention (and new token rows) on the concepts; write the delta to cfg.out.
 
-    `pipe` may be an already loaded base pipeline (it is modified in place: trained weights, new tokens).
+    `pipe` may be an already loaded float32 base pipeline (it is modified in place: trained weights, new tokens).
+    With `pipe_owned` (the caller loaded it for this run alone) its frozen weights are also stored in the
+    mixed-precision dtype, as in a pipeline `train` loads itself; otherwise they keep their dtypes.
     `callback(step, loss)` runs after each step; while it runs, `pipe` samples with the weights and token rows
     trained so far. When it returns True, a checkpoint of that step is saved and TrainingStopped is raised.
     `timings`, when given, receives the loop's clock readings (see _Clock: first step, steady rate, data wait).
@@ -178,8 +181,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     is_main = accelerator.is_main_process
     cuda = accelerator.device.type == "cuda"
     # frozen weights in the mixed-precision dtype, only in a pipeline of our own (a caller's keeps its dtypes)
-    low = frozen_dtype(cfg.mixed_precision, cfg.frozen_weights) if pipe is None else None
-    facts = base_facts(cfg.base) if low else None
+    low = frozen_dtype(cfg.mixed_precision, cfg.frozen_weights) if pipe is None or pipe_owned else None
+    facts = base_facts(cfg.base) if low and pipe is None else None  # a float32 pipeline passed in needs no files
     kept = read_kept(cfg.base, cfg.train, facts.pipeline == XL_PIPELINE) if facts is not None else None
     if pipe is None:
         pipe = load_pipeline(cfg.base, dtype=low if kept else torch.float32, device=accelerator.device)

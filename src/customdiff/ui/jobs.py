@@ -277,7 +277,8 @@ class Trainer:
             return stop
 
         job.losses = [x for x in job.losses if x[0] <= _checkpoint_step(ckpt)] if cfg.resume else []
-        written = train(cfg, [spec], progress=False, pipe=pipe, callback=on_step)
+        # the job's own pipeline: its frozen weights may be stored in the mixed-precision dtype
+        written = train(cfg, [spec], progress=False, pipe=pipe, callback=on_step, pipe_owned=True)
         with self.lock:
             job.phase = "adding the delta to the library"
         dest = self.wd.unique(self.wd.deltas, job.name, ".safetensors")
