@@ -341,8 +341,8 @@ def bench(a: argparse.Namespace) -> dict:
                   "batch_size": a.batch_size, "resolution": a.resolution, "mixed_precision": a.mixed_precision,
                   "gradient_checkpointing": a.gradient_checkpointing, "seed": 0, "num_class_images": 0,
                   "initializer": [initializer(base)], "frozen_weights": a.frozen_weights, "cache": a.cache,
-                  "prefetch": a.prefetch, "compile": a.compile, "channels_last": a.channels_last, "cudnn_benchmark": a.cudnn_benchmark,
-                  "log_every": a.log_every}
+                  "prefetch": a.prefetch, "compile": a.compile, "channels_last": a.channels_last,
+                  "cudnn_benchmark": a.cudnn_benchmark, "log_every": a.log_every}
         spec = {"config": config, "photos": str(photos), "class": str(classes), "sample_steps": a.sample_steps,
                 "samples": str(run_dir / "samples")}
         print("$ customdiff train --base {base} --concept {photos} --reg-dir {classes} --instance-prompt '{ip}' "
