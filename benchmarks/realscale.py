@@ -300,15 +300,40 @@ def child(spec: dict) -> dict:
             "sample_s": time.perf_counter() - t1 if rc == 0 else float("nan"), "sample_dtype": dtype}
 
 
+# Runs diffusers' example in this interpreter, stamping each backward pass (one per step, whether or not the fp16
+# scaler then skips the optimizer) and printing at exit the steady rate after the first step, as a customdiff run
+# counts it, and torch's allocated peak.
+EXAMPLE_WRAPPER = """
+import atexit, json, runpy, sys, time
+import torch
+stamps = []
+backward = torch.Tensor.backward
+def timed(self, *args, **kwargs):
+    out = backward(self, *args, **kwargs)
+    stamps.append(time.perf_counter())
+    return out
+torch.Tensor.backward = timed
+def report():
+    steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    print("EXAMPLE " + json.dumps({"steps_timed": len(stamps), "steady_steps_per_s": steady, "peak_gb": peak,
+                                   "peak_kind": "cuda_max_allocated"}), flush=True)
+atexit.register(report)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def run_example(script: str, a: argparse.Namespace, base: Path, photos: Path, classes: Path, out: Path) -> dict:
-    """diffusers' train_custom_diffusion.py on the same data and settings: whole run and nvidia-smi peak."""
+    """diffusers' train_custom_diffusion.py on the same data and settings: whole run, steady rate after its first
+    step, torch's and nvidia-smi's memory peaks."""
     images = classes.parent / "class_images"  # the example reads every file of its class folder as an image
     if not images.is_dir():
         images.mkdir()
         for png in classes.glob("*.png"):
             os.link(png, images / png.name)
     classes = images
-    cmd = [sys.executable, script, "--pretrained_model_name_or_path", str(base), "--instance_data_dir", str(photos),
+    cmd = [sys.executable, "-c", EXAMPLE_WRAPPER, script, "--pretrained_model_name_or_path", str(base), "--instance_data_dir", str(photos),
            "--class_data_dir", str(classes), "--instance_prompt", INSTANCE_PROMPT, "--class_prompt", CLASS_PROMPT,
            "--with_prior_preservation", "--prior_loss_weight", "1.0", "--num_class_images",
            str(len(list(classes.glob("*.png")))), "--resolution", str(a.resolution), "--train_batch_size",
@@ -316,11 +341,15 @@ def run_example(script: str, a: argparse.Namespace, base: Path, photos: Path, cl
            "--modifier_token", "<new1>", "--initializer_token", initializer(base), "--freeze_model", "crossattn_kv",
            "--mixed_precision", a.mixed_precision, "--hflip", "--seed", "0", "--checkpointing_steps", "1000000",
            "--output_dir", str(out)] + (["--gradient_checkpointing"] if a.gradient_checkpointing else [])
-    print("$ " + " ".join(f"'{c}'" if " " in c or "<" in c else c for c in cmd), flush=True)
+    shown = [sys.executable, *cmd[3:]]
+    print("$ " + " ".join(f"'{c}'" if " " in c or "<" in c else c for c in shown), flush=True)
     t0 = time.perf_counter()
     with GpuPeak() as gpu:
-        rc = subprocess.run(cmd).returncode
-    return {"whole_run_s": time.perf_counter() - t0, "rc": rc, "nvidia_smi_peak_gb": gpu.peak}
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    sys.stdout.write(proc.stdout)
+    found = [json.loads(x[8:]) for x in proc.stdout.splitlines() if x.startswith("EXAMPLE ")]
+    return {"whole_run_s": time.perf_counter() - t0, "process_s": time.perf_counter() - t0, "rc": proc.returncode,
+            **(found[-1] if found else {}), "nvidia_smi_peak_gb": gpu.peak}
 
 
 def bench(a: argparse.Namespace) -> dict:
