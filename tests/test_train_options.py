@@ -110,3 +110,50 @@ def test_callers_specs_are_not_changed(tiny_base, concept_dirs, tmp_path, monkey
     assert spec == given
     recorded = load_delta(out).config["concepts"][0]
     assert recorded["tokens"] == ["<new1>"] and Path(recorded["reg_dir"]).is_relative_to(tmp_path / "cache")
+
+
+def test_token_lr_scale_multiplies_only_the_token_rows_step(tiny_base, concept_dirs, tmp_path):
+    """AdamW's first step moves each coordinate by about its rate: the token row's by lr x scale, the K/V's by lr."""
+    from customdiff.data import ConceptSpec
+
+    init = load_pipeline(tiny_base).text_encoder.get_input_embeddings().weight.detach()
+    ktn = init[load_pipeline(tiny_base).tokenizer.convert_tokens_to_ids("ktn</w>")]
+    moved = {}
+    for scale in (1.0, 10.0):
+        out = train(TrainConfig(base=tiny_base, out=str(tmp_path / f"s{scale:g}.safetensors"), steps=1, batch_size=2,
+                                learning_rate=1e-4, token_lr_scale=scale, initializer=["ktn"]),
+                    [ConceptSpec(concept_dirs["a"], "photo of a <new1> cat", "photo of a cat",
+                                 reg_dir=concept_dirs["reg"])], progress=False)
+        d = load_delta(out)
+        moved[scale] = ((d.tokens["<new1>"] - ktn).abs().max().item(), d.weights)
+    lr = 1e-4 * 2
+    assert moved[1.0][0] == pytest.approx(lr, rel=0.05) and moved[10.0][0] == pytest.approx(10 * lr, rel=0.05)
+    for name, w in moved[1.0][1].items():  # the first step's weight update does not depend on the token's rate
+        torch.testing.assert_close(moved[10.0][1][name], w)
+
+
+def test_reg_prompt_class_trains_class_images_with_the_class_prompt(concept_dirs, tmp_path):
+    from tiny import make_reg_dir
+
+    from customdiff.data import ConceptSpec, read_reg_source
+
+    reg = make_reg_dir(tmp_path / "reg", 3, "a red cat on grass")
+    spec = ConceptSpec(concept_dirs["a"], "photo of a <new1> cat", "photo of a cat", reg_dir=str(reg))
+    assert {c for _, c in read_reg_source(spec)} == {"a red cat on grass"}
+    from dataclasses import replace
+
+    pairs = read_reg_source(replace(spec, reg_use_captions=False))
+    assert len(pairs) == 3 and {c for _, c in pairs} == {"photo of a cat"}
+    with pytest.raises(UserError, match="reg-prompt"):
+        TrainConfig(reg_prompt="bare").validate()
+
+
+def test_reg_prompt_class_reaches_the_trained_concepts(tiny_base, concept_dirs, tmp_path):
+    from customdiff.data import ConceptSpec
+
+    out = train(TrainConfig(base=tiny_base, out=str(tmp_path / "d.safetensors"), steps=1, batch_size=2,
+                            reg_prompt="class"),
+                [ConceptSpec(concept_dirs["a"], "photo of a <new1> cat", "photo of a cat", reg_dir=concept_dirs["reg"])],
+                progress=False)
+    d = load_delta(out)
+    assert d.config["reg_prompt"] == "class" and d.config["concepts"][0]["reg_use_captions"] is False

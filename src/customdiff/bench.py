@@ -71,8 +71,9 @@ class Runner:
         self.rows: list[dict[str, Any]] = []
 
     def train(self, recipe_name: str, entry: Any, seed: int, out: Path, steps_factor: int = 1,
-              concepts: list | None = None, learning_rate: float | None = None) -> dict[str, Any]:
-        """Train one run of a recipe (optionally at another learning rate); size and time of its delta."""
+              concepts: list | None = None, **overrides: Any) -> dict[str, Any]:
+        """Train one run of a recipe (`overrides`: other TrainConfig values, e.g. a learning rate to sweep);
+        size and time of its delta."""
         from .config import TrainConfig
         from .delta import load_delta
         from .toy.recipes import RECIPES, concept_spec
@@ -83,10 +84,8 @@ class Runner:
         specs = [concept_spec(c, f"<new{i + 1}>", r.reg) for i, c in concepts]
         out.parent.mkdir(parents=True, exist_ok=True)  # the bench's own folder: no "created" warning per run
         t0 = time.perf_counter()
-        train(TrainConfig(base="toy", out=str(out), train=r.train, steps=(self.cfg.steps or r.steps) * steps_factor,
-                          learning_rate=learning_rate or r.learning_rate, augment=r.augment, num_class_images=0,
-                          seed=seed),
-              specs, progress=False)
+        steps = (overrides.pop("steps", None) or self.cfg.steps or r.steps) * steps_factor
+        train(TrainConfig(**r.train_kwargs(out=str(out), steps=steps, seed=seed, **overrides)), specs, progress=False)
         d = load_delta(out)
         return {"train_s": time.perf_counter() - t0, "delta_mb": out.stat().st_size / 2**20,
                 "trainable": sum(v.numel() for v in d.weights.values()) + sum(v.numel() for v in d.tokens.values())}

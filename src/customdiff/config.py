@@ -76,6 +76,9 @@ class TrainConfig:
                                      "unless --no-scale-lr (1e-5 gives 8e-5 at batch 8, as the reference)",
                                lo=0, hi=1.0, lo_open=True)
     scale_lr: bool = opt(True, "scale the learning rate by the total batch size")
+    token_lr_scale: float = opt(1.0, "learning rate of the new token rows as a multiple of the weights' (1 = the "
+                                     "reference: one rate for all; the toy world's recipe uses more, see "
+                                     "docs/benchmarks.md)", lo=0, hi=1e4, lo_open=True)
     weight_decay: float = opt(1e-2, "AdamW weight decay (reaches only trained tensors and new token rows)",
                               lo=0, hi=1.0)
     max_grad_norm: float = opt(1.0, "gradient clipping norm", lo=0, lo_open=True)
@@ -98,6 +101,9 @@ class TrainConfig:
                         resume=False)
     num_class_images: int = opt(200, "regularization images to generate per concept when it has no --reg-dir "
                                       "(0 = train without regularization)", lo=0, hi=100_000)
+    reg_prompt: str = opt("captions", "what regularization images are trained with: captions (each image's .txt "
+                          "or caption file, else the class prompt) or class (the class prompt for every image, "
+                          "as with generated class images)", choices=["captions", "class"])
     augment: bool = opt(True, "rescale/paste/crop augmentation with prompt prefixes and loss mask")
     flip: bool = opt(True, "random horizontal flips of target images")
     initializer: list[str] = opt(None, "initializer word for each new token, in order (default: rare words)")
@@ -118,7 +124,9 @@ class TrainConfig:
 
     def resume_changes(self, saved: dict[str, Any]) -> list[str]:
         """Fields that differ from a checkpoint's saved config and must not change on resume."""
+        # a field newer than the checkpoint counts as unchanged while it keeps its default
         return [f.name for f in fields(self) if f.metadata.get("resume", True)
+                and not (f.name not in saved and getattr(self, f.name) == f.default)
                 and not _same(saved.get(f.name), getattr(self, f.name))]
 
     def to_dict(self) -> dict[str, Any]:

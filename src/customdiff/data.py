@@ -45,6 +45,7 @@ class ConceptSpec:
     reg_dir: str | None = None
     reg_captions: str | None = None  # a caption.txt aligned with reg_dir's images.txt (reference layout)
     initializer: str | None = None
+    reg_use_captions: bool = True  # False: every regularization image is trained with the class prompt
     tokens: list[str] = field(default_factory=list)  # its modifier tokens, as validate_concepts resolves them
 
     def class_word(self) -> str:
@@ -81,30 +82,18 @@ def list_images(folder: Path, allow_captions: bool = False) -> list[Path]:
 
 def read_reg_source(spec: ConceptSpec) -> list[tuple[Path, str]]:
     """Regularization (image, caption) pairs: sidecar .txt captions, the reference's images.txt +
-    caption.txt, or the class prompt for every image (with a warning saying so)."""
+    caption.txt, or the class prompt for every image (with a warning saying so, unless the spec asks for it
+    with reg_use_captions=False)."""
     assert spec.reg_dir is not None
     src = Path(spec.reg_dir)
-    if src.is_file():  # reference layout: images.txt listing paths, captions aligned in caption.txt
-        paths = []
-        for n, line in enumerate(read_text(src, "--reg-dir").splitlines(), 1):
-            if not line.strip():
-                continue
-            p = Path(line.strip())
-            p = p if p.is_absolute() else (src.parent / p if (src.parent / p).exists() else p)
-            if not p.is_file():
-                raise UserError(f"{src}: line {n} names {line.strip()}, which does not exist; fix the list")
-            paths.append(p)
-        if not paths:
-            raise UserError(f"{src}: lists no images; write one image path per line")
-        if not spec.reg_captions:
-            warn(f"{src}: no caption file; every regularization image is captioned {spec.class_prompt!r}")
-        caps = _caption_lines(spec, len(paths))
-        return list(zip(paths, caps, strict=True))
-    if not src.exists():
-        raise UserError(f"--reg-dir {src}: no such folder or images.txt file")
-    images = list_images(src, allow_captions=True)
+    images = _listed_images(src) if src.is_file() else _folder_images(src)
+    if not spec.reg_use_captions:
+        return [(p, spec.class_prompt) for p in images]
     if spec.reg_captions:
         caps = _caption_lines(spec, len(images))
+    elif src.is_file():
+        warn(f"{src}: no caption file; every regularization image is captioned {spec.class_prompt!r}")
+        caps = [spec.class_prompt] * len(images)
     else:
         caps, missing = [], 0
         for p in images:
@@ -116,6 +105,29 @@ def read_reg_source(spec: ConceptSpec) -> list[tuple[Path, str]]:
             warn(f"--reg-dir {src}: {missing} of {len(images)} images have no caption (.txt beside the image); "
                  f"those use the class prompt {spec.class_prompt!r}")
     return list(zip(images, caps, strict=True))
+
+
+def _listed_images(src: Path) -> list[Path]:
+    """The reference layout: an images.txt listing one image path per line (relative to it or to the cwd)."""
+    paths = []
+    for n, line in enumerate(read_text(src, "--reg-dir").splitlines(), 1):
+        if not line.strip():
+            continue
+        p = Path(line.strip())
+        p = p if p.is_absolute() else (src.parent / p if (src.parent / p).exists() else p)
+        if not p.is_file():
+            raise UserError(f"{src}: line {n} names {line.strip()}, which does not exist; fix the list")
+        paths.append(p)
+    if not paths:
+        raise UserError(f"{src}: lists no images; write one image path per line")
+    return paths
+
+
+def _folder_images(src: Path) -> list[Path]:
+    """The images of a --reg-dir folder (captions may sit beside them)."""
+    if not src.exists():
+        raise UserError(f"--reg-dir {src}: no such folder or images.txt file")
+    return list_images(src, allow_captions=True)
 
 
 def _caption_lines(spec: ConceptSpec, n: int) -> list[str]:

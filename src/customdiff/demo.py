@@ -67,8 +67,11 @@ def _report(out: Path, cfg: DemoConfig, recipe: Any, entry: Any, n_targets: int,
     phrase = entry.concepts[0].phrase()
     body = [f"<h1>customdiff demo: {html.escape(phrase)}</h1>",
             f"<p>Custom Diffusion on the embedded toy world: {timing['steps']} steps at batch 8, learning rate "
-            f"{recipe.learning_rate:g} per image (half target photos, half real class images with their "
-            f"captions), cross-attention K/V plus the new token <code>&lt;new1&gt;</code>. Training took "
+            f"{recipe.learning_rate:g} per image ({recipe.token_lr_scale:g}x that for the new token's embedding), "
+            f"half target photos, half real class images "
+            f"{'with their captions' if recipe.reg_prompt == 'captions' else 'prompted with the bare class prompt'}"
+            f"{'' if recipe.augment else ', no rescale augmentation'}; "
+            f"cross-attention K/V plus the new token <code>&lt;new1&gt;</code>. Training took "
             f"{timing['train_s']:.0f} s, the whole demo {timing['total_s']:.0f} s.</p>",
             f"<p>The concept: {html.escape(res['description'])}.</p>",
             "<h2>Target photos</h2><div class='t'>",
@@ -145,8 +148,7 @@ def _run(cfg: DemoConfig, entry: Any, names: dict, out: Path, t0: float, progres
     steps = cfg.steps or recipe.steps
     delta_path = out / "concept.safetensors"
     t1 = time.perf_counter()
-    train(TrainConfig(base="toy", out=str(delta_path), steps=steps, seed=cfg.seed,
-                      learning_rate=recipe.learning_rate, num_class_images=0),
+    train(TrainConfig(**recipe.train_kwargs(out=str(delta_path), steps=steps, seed=cfg.seed)),
           [concept_spec(entry.concepts[0], "<new1>")], progress=progress)
     train_s = time.perf_counter() - t1
 

@@ -192,6 +192,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     if size % factor:
         raise UserError(f"--resolution {size} must be a multiple of the VAE's factor {factor}")
     specs = _reg_sources(cfg, specs, pipe, is_main, accelerator, progress)
+    if cfg.reg_prompt == "class":
+        specs = [replace(s, reg_use_captions=False) for s in specs]
     data = TrainData(specs, size, factor, augment=cfg.augment, flip=cfg.flip, cache=images)
     if kept is not None and not restore_kept(pipe, kept):  # cannot happen with a consistent folder
         raise UserError(f"--base {cfg.base}: its weight files do not match its configs; re-save the pipeline")
@@ -238,7 +240,10 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     world = accelerator.num_processes
     lr = cfg.learning_rate * (cfg.batch_size * cfg.gradient_accumulation * world if cfg.scale_lr else 1)
     # fused: one kernel for all tensors on a GPU (the trained tensors are float32 there, as it needs)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=cfg.weight_decay,
+    rows = [p for n, p in params.items() if n.startswith("<")]
+    groups = [{"params": [p for n, p in params.items() if not n.startswith("<")]},
+              {"params": rows, "lr": lr * cfg.token_lr_scale}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=cfg.weight_decay,
                                   **({"fused": True} if cuda else {}))
     start = 0
     if cfg.resume:

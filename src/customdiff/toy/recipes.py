@@ -24,6 +24,15 @@ class Recipe:
     steps: int = 250
     reg: bool = True
     augment: bool = True
+    token_lr_scale: float = 1.0  # the new token rows' rate as a multiple of learning_rate
+    reg_prompt: str = "captions"  # or "class": every class image trained with the bare class prompt
+
+    def train_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """TrainConfig fields of this recipe on the toy base (overrides win; None values are ignored)."""
+        kw = {"base": "toy", "train": self.train, "steps": self.steps, "learning_rate": self.learning_rate,
+              "augment": self.augment, "token_lr_scale": self.token_lr_scale, "reg_prompt": self.reg_prompt,
+              "num_class_images": 0}
+        return {**kw, **{k: v for k, v in overrides.items() if v is not None}}
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (

@@ -68,6 +68,8 @@ class Settings:
         self.defaults: dict[str, Any] = {
             "token": "<new1>", "steps": toy_cd.steps if self.is_toy else 250,
             "learning_rate": toy_cd.learning_rate if self.is_toy else 1e-5, "seed": 0,
+            "token_lr_scale": toy_cd.token_lr_scale if self.is_toy else 1.0,
+            "reg_prompt": toy_cd.reg_prompt if self.is_toy else "captions",
             "batch_size": 8, "reg": "toy" if self.is_toy else "generated", "num_class_images": 200,
             "preview_every": 25 if self.is_toy else 50, "preview_steps": 20, "checkpoint_every": 25,
             "guidance": 5.0 if self.is_toy else 7.5, "template": "photo of a {token} {class}",
@@ -216,7 +218,9 @@ def create_app(wd: Workdir, trainer: Trainer, tasks: Tasks, base: str, loopback:
         class_prompt = " ".join(template.replace("{token}", "").replace("{class}", class_word).split())
         config = {"steps": steps, "learning_rate": learning_rate, "seed": seed, "batch_size": batch_size,
                   "num_class_images": num_class_images if reg == "generated" else 0,
-                  "checkpoint_every": checkpoint_every}
+                  "checkpoint_every": checkpoint_every,
+                  "token_lr_scale": float(settings.defaults["token_lr_scale"]),
+                  "reg_prompt": str(settings.defaults["reg_prompt"]) if reg == "toy" else "captions"}
         job = Job(id=job_id, name=safe_name(name or f"{class_word}-{bare}"), token=token, class_word=class_word,
                   instance_prompt=prompt, class_prompt=class_prompt, reg=reg, config=config,
                   preview_every=preview_every, preview_steps=preview_steps,
