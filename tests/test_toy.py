@@ -220,3 +220,15 @@ def test_toy_training_resumes_from_a_weights_only_checkpoint(tmp_path: Path):
     w_res, l_res = train(tmp_path / "part.pt")
     assert torch.equal(w_res, w_full)
     assert l_res == l_full
+
+
+def test_recipes_are_valid_train_configs_with_one_token_rate():
+    """Every toy method's new token learns at the same per-image rate; the methods differ in what else trains."""
+    from customdiff.config import TrainConfig
+    from customdiff.toy.recipes import DEMO_RECIPE, RECIPES, TOKEN_RATE
+
+    assert DEMO_RECIPE in RECIPES
+    for r in RECIPES.values():
+        cfg = TrainConfig(**r.train_kwargs(out="d.safetensors", seed=3))
+        cfg.validate()
+        assert cfg.seed == 3 and cfg.learning_rate * cfg.token_lr_scale == pytest.approx(TOKEN_RATE)

@@ -140,11 +140,11 @@ def _run(cfg: DemoConfig, entry: Any, names: dict, out: Path, t0: float, progres
     from .features import ClipFeatures
     from .toy import paths
     from .toy.fidelity import Judge, leakage
-    from .toy.recipes import RECIPES, concept_spec
+    from .toy.recipes import DEMO_RECIPE, RECIPES, concept_spec
     from .train import train
 
     toy = paths()
-    recipe = RECIPES["custom_diffusion"]
+    recipe = RECIPES[DEMO_RECIPE]
     steps = cfg.steps or recipe.steps
     delta_path = out / "concept.safetensors"
     t1 = time.perf_counter()

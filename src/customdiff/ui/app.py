@@ -62,14 +62,15 @@ class Settings:
         self.resolution = facts.native_resolution if facts else 512
         self.toy_classes = sorted(p.name for p in (Path(toy["concepts"]) / "class_images").iterdir()
                                   if p.is_dir()) if self.is_toy else []
-        from ..toy.recipes import RECIPES
+        from ..toy.recipes import DEMO_RECIPE, RECIPES
 
-        toy_cd = RECIPES["custom_diffusion"]  # the toy's calibrated rate and steps live in one place
+        toy_cd = RECIPES[DEMO_RECIPE]  # the toy's calibrated recipe lives in one place
         self.defaults: dict[str, Any] = {
             "token": "<new1>", "steps": toy_cd.steps if self.is_toy else 250,
             "learning_rate": toy_cd.learning_rate if self.is_toy else 1e-5, "seed": 0,
             "token_lr_scale": toy_cd.token_lr_scale if self.is_toy else 1.0,
             "reg_prompt": toy_cd.reg_prompt if self.is_toy else "captions",
+            "augment": toy_cd.augment if self.is_toy else True,
             "batch_size": 8, "reg": "toy" if self.is_toy else "generated", "num_class_images": 200,
             "preview_every": 25 if self.is_toy else 50, "preview_steps": 20, "checkpoint_every": 25,
             "guidance": 5.0 if self.is_toy else 7.5, "template": "photo of a {token} {class}",
@@ -220,6 +221,7 @@ def create_app(wd: Workdir, trainer: Trainer, tasks: Tasks, base: str, loopback:
                   "num_class_images": num_class_images if reg == "generated" else 0,
                   "checkpoint_every": checkpoint_every,
                   "token_lr_scale": float(settings.defaults["token_lr_scale"]),
+                  "augment": bool(settings.defaults["augment"]),
                   "reg_prompt": str(settings.defaults["reg_prompt"]) if reg == "toy" else "captions"}
         job = Job(id=job_id, name=safe_name(name or f"{class_word}-{bare}"), token=token, class_word=class_word,
                   instance_prompt=prompt, class_prompt=class_prompt, reg=reg, config=config,
