@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..demo import DemoConfig
 from .flags import (
     add_base,
     add_config_flags,
@@ -35,7 +36,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
 
 def _cmd_demo(a: argparse.Namespace) -> None:
-    from ..demo import DemoConfig, run_demo
+    from ..demo import run_demo
 
     refuse_base(a)
     cfg = DemoConfig(out=a.out, concept=a.concept, steps=a.steps, seed=a.seed)
@@ -87,7 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "by the toy world's probe (concept fidelity, context fidelity, class leakage) beside CLIP "
                        "text/image alignment and KID. A few minutes on a laptop CPU.")
     add_out(d, "output folder (default: out/demo; replaced if present)", required=False, default="out/demo")
-    d.add_argument("--concept", default="checker_square", help="toy concept (see `customdiff toy paths`)")
+    d.add_argument("--concept", default=DemoConfig.concept,
+                   help="toy concept (default: %(default)s, the one this base learns best; see `customdiff toy paths`)")
     d.add_argument("--steps", type=int, default=0, help="training steps (default: the calibrated recipe's, "
                    "see customdiff.toy.recipes)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
