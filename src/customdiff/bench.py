@@ -131,19 +131,21 @@ def _run_all(cfg: BenchConfig, work: Path, progress: bool) -> None:
     from .base import load_pipeline
     from .delta import load_delta, save_delta
     from .merge import merge_deltas, read_captions
+    from .toy.recipes import DEMO_RECIPE
 
     run = Runner(cfg, work)
     total = len(cfg.seeds) * (len(run.singles) * len(cfg.methods) + len(run.pairs) * len(PAIR_METHODS))
     bar = tqdm(total=total, desc="bench", disable=not progress)
     t_start = time.perf_counter()
     for seed in cfg.seeds:
-        deltas: dict[tuple[str, str], Path] = {}  # (concept, token) -> Custom Diffusion delta, reused by pairs
+        # (concept, token) -> Custom Diffusion delta (the toy's tuned recipe, as the demo), reused by the pairs
+        deltas: dict[tuple[str, str], Path] = {}
         for e in run.singles:
             name = _name(e)
             for m in cfg.methods:
                 d = work / "deltas" / f"s{seed}" / f"{name}.{m}.safetensors"
                 stats = run.train(m, e, seed, d)
-                if m == "custom_diffusion":
+                if m == DEMO_RECIPE:
                     deltas[(name, "<new1>")] = d
                 run.record(m, e, seed, stats, run.evaluate(e, [d], seed, work / "images" / f"s{seed}" / m / name))
                 bar.update(1)
@@ -153,11 +155,11 @@ def _run_all(cfg: BenchConfig, work: Path, progress: bool) -> None:
                 tok = f"<new{i + 1}>"
                 if (c.instance_dir.name, tok) not in deltas:
                     p = work / "deltas" / f"s{seed}" / f"{c.instance_dir.name}.{tok[1:-1]}.safetensors"
-                    run.train("custom_diffusion", e, seed, p, concepts=[(i, c)])
+                    run.train(DEMO_RECIPE, e, seed, p, concepts=[(i, c)])
                     deltas[(c.instance_dir.name, tok)] = p
                 parts.append(deltas[(c.instance_dir.name, tok)])
             joint = work / "deltas" / f"s{seed}" / f"{tag}.joint.safetensors"
-            stats = run.train("custom_diffusion", e, seed, joint, steps_factor=2)
+            stats = run.train(DEMO_RECIPE, e, seed, joint, steps_factor=2)
             run.record("joint", e, seed, stats, run.evaluate(e, [joint], seed, work / "images" / f"s{seed}" / "joint" / tag))
             bar.update(1)
             for method, pad_weight in (("merge", 0.0), ("merge_pad", 1.0)):  # the reference's merge; with padding
