@@ -79,3 +79,13 @@ def test_flags_build_the_config():
         ["x", "y", "z"], 2, True, None, EvalConfig().kid_subset_size)
     assert set(cfg.settings()) >= {"n", "steps", "guidance", "seed", "strip_tokens"}
     assert not set(cfg.settings()) & {"base", "out", "deltas", "device", "dataset"}
+
+
+def test_resume_accepts_a_checkpoint_older_than_a_new_field_left_at_its_default():
+    from customdiff.config import TrainConfig
+
+    cfg = TrainConfig(out="d.safetensors")
+    saved = {k: v for k, v in cfg.to_dict().items() if k not in ("token_lr_scale", "reg_prompt")}
+    assert cfg.resume_changes(saved) == []
+    cfg.token_lr_scale = 30.0
+    assert cfg.resume_changes(saved) == ["token_lr_scale"]
