@@ -333,8 +333,8 @@ def run_example(script: str, a: argparse.Namespace, base: Path, photos: Path, cl
         for png in classes.glob("*.png"):
             os.link(png, images / png.name)
     classes = images
-    cmd = [sys.executable, "-c", EXAMPLE_WRAPPER, script, "--pretrained_model_name_or_path", str(base), "--instance_data_dir", str(photos),
-           "--class_data_dir", str(classes), "--instance_prompt", INSTANCE_PROMPT, "--class_prompt", CLASS_PROMPT,
+    cmd = [sys.executable, "-c", EXAMPLE_WRAPPER, script, "--pretrained_model_name_or_path", str(base),
+           "--instance_data_dir", str(photos), "--class_data_dir", str(classes), "--instance_prompt", INSTANCE_PROMPT, "--class_prompt", CLASS_PROMPT,
            "--with_prior_preservation", "--prior_loss_weight", "1.0", "--num_class_images",
            str(len(list(classes.glob("*.png")))), "--resolution", str(a.resolution), "--train_batch_size",
            str(a.batch_size // 2), "--max_train_steps", str(a.train_steps), "--learning_rate", "1e-5", "--scale_lr",
@@ -347,9 +347,10 @@ def run_example(script: str, a: argparse.Namespace, base: Path, photos: Path, cl
     with GpuPeak() as gpu:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     sys.stdout.write(proc.stdout)
+    whole = time.perf_counter() - t0  # the example's whole process: its whole run and its process time alike
     found = [json.loads(x[8:]) for x in proc.stdout.splitlines() if x.startswith("EXAMPLE ")]
-    return {"whole_run_s": time.perf_counter() - t0, "process_s": time.perf_counter() - t0, "rc": proc.returncode,
-            **(found[-1] if found else {}), "nvidia_smi_peak_gb": gpu.peak}
+    return {"whole_run_s": whole, "process_s": whole, "rc": proc.returncode, **(found[-1] if found else {}),
+            "nvidia_smi_peak_gb": gpu.peak}
 
 
 def bench(a: argparse.Namespace) -> dict:

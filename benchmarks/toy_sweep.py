@@ -4,7 +4,8 @@
         --concepts checker_square dotted_heart --seeds 0 [--token-lr-scales 1 10 30] [--reg-prompts captions class]
 
 Each cell trains the recipe (customdiff.toy.recipes) at that rate, step count, token-rate multiple and
-regularization prompt (the last two default to the recipe's) and evaluates it as `customdiff bench` does. The chosen settings and the table behind them are in docs/benchmarks.md.
+regularization prompt (the last two default to the recipe's) and evaluates it as `customdiff bench` does. The
+chosen settings and the table behind them are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         run = Runner(cfg, Path(tmp))
-        print("| method | lr | steps | token x | reg prompt | " + " | ".join(k.replace("_", " ") for k in KEYS) + " |")
+        print("| method | lr | steps | token x | reg prompt | " + " | ".join(k.replace("_", " ") for k in KEYS)
+              + " |")
         print("|---|---:|---:|---:|---|" + "---:|" * len(KEYS))
         for method, lr, steps, scale, reg in itertools.product(args.methods, args.lrs, args.steps,
                                                                args.token_lr_scales, args.reg_prompts):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -116,8 +117,8 @@ def test_token_lr_scale_multiplies_only_the_token_rows_step(tiny_base, concept_d
     """AdamW's first step moves each coordinate by about its rate: the token row's by lr x scale, the K/V's by lr."""
     from customdiff.data import ConceptSpec
 
-    init = load_pipeline(tiny_base).text_encoder.get_input_embeddings().weight.detach()
-    ktn = init[load_pipeline(tiny_base).tokenizer.convert_tokens_to_ids("ktn</w>")]
+    pipe = load_pipeline(tiny_base)
+    ktn = pipe.text_encoder.get_input_embeddings().weight.detach()[pipe.tokenizer.convert_tokens_to_ids("ktn</w>")]
     moved = {}
     for scale in (1.0, 10.0):
         out = train(TrainConfig(base=tiny_base, out=str(tmp_path / f"s{scale:g}.safetensors"), steps=1, batch_size=2,
@@ -140,8 +141,6 @@ def test_reg_prompt_class_trains_class_images_with_the_class_prompt(concept_dirs
     reg = make_reg_dir(tmp_path / "reg", 3, "a red cat on grass")
     spec = ConceptSpec(concept_dirs["a"], "photo of a <new1> cat", "photo of a cat", reg_dir=str(reg))
     assert {c for _, c in read_reg_source(spec)} == {"a red cat on grass"}
-    from dataclasses import replace
-
     pairs = read_reg_source(replace(spec, reg_use_captions=False))
     assert len(pairs) == 3 and {c for _, c in pairs} == {"photo of a cat"}
     with pytest.raises(UserError, match="reg-prompt"):
