@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +64,23 @@ def test_tiny_bench_end_to_end(tmp_path):
     assert summary["means"][1]["pair_fidelity"] is not None
     assert "± " in (out / "results.md").read_text() and (out / "report.html").is_file()
     assert not (tmp_path / "bench.partial").exists()
+
+    # rescoring the saved samples reproduces every measure; a run whose samples are gone is refused up front
+    from customdiff.bench import rescore_bench
+    from customdiff.errors import UserError
+
+    rescore_bench(out, progress=False)
+    again = json.loads((out / "results.json").read_text())
+    assert "rescored" in again and [r["seed"] for r in again["rows"]] == [r["seed"] for r in summary["rows"]]
+    for old, new in zip(summary["rows"], again["rows"], strict=True):
+        assert {k: v for k, v in new.items() if k != "verdicts"} == pytest.approx(old)
+    shutil.rmtree(out / "images" / "s1" / "merge")
+    before = (out / "results.json").read_text()
+    with pytest.raises(UserError, match="s1/merge"):
+        rescore_bench(out, progress=False)
+    assert (out / "results.json").read_text() == before
+
+
+def test_bench_rescore_needs_a_bench_folder(tmp_path, capsys):
+    assert main(["bench", "--rescore", "-o", str(tmp_path)]) == 2
+    assert "results.json: not found" in capsys.readouterr().err

@@ -107,6 +107,17 @@ class Runner:
         r = evaluate(pipe, [entry], self.clip, ecfg, images_out=images_out, judge=self.judge)
         return {k: r["entries"][0].get(k) for k in METRICS}
 
+    def rescore(self, entry: Any, seed: int, images_in: Path) -> dict[str, Any]:
+        """Score an entry's saved samples again (current judge and CLIP; no sampling)."""
+        from .config import EvalConfig
+        from .evaluate import evaluate
+
+        cfg = self.cfg
+        ecfg = EvalConfig(n=cfg.n, steps=cfg.sample_steps, guidance=cfg.guidance, seed=seed, n_class=cfg.n_class,
+                          class_template="photo of a {}", kid_subsets=50, kid_subset_size=cfg.n_class)
+        r = evaluate(None, [entry], self.clip, ecfg, images_in=images_in, judge=self.judge)
+        return {k: r["entries"][0].get(k) for k in METRICS}
+
     def record(self, method: str, entry: Any, seed: int, stats: dict, metrics: dict) -> None:
         """Keep one result row (and log it)."""
         self.rows.append({"method": method, "entry": _name(entry), "seed": seed, **stats, **metrics})
@@ -122,6 +133,40 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> Path:
     with staged(out, replace=True, last="results.json") as work:
         _run_all(cfg, work, progress)
     return out
+
+
+def rescore_bench(folder: str | Path, progress: bool = True) -> Path:
+    """Score a finished bench's saved samples again with the current judge and CLIP, without training or
+    sampling (for instance after the toy world's probe changed); rewrites its results.json, results.md and
+    report.html, keeping each run's training time and delta size."""
+    from tqdm.auto import tqdm
+
+    from .errors import UserError
+    from .outputs import atomic_path
+
+    folder = Path(folder)
+    src = folder / "results.json"
+    if not src.is_file():
+        raise UserError(f"{src}: not found; with --rescore, --out must be a folder written by `customdiff bench`")
+    summary = json.loads(src.read_text())
+    run = Runner(BenchConfig(**summary["config"]), folder)
+    entries = {_name(e): e for e in (*run.singles, *run.pairs)}
+    jobs = []
+    for r in summary["rows"]:  # every run's samples must be there before any scoring
+        images = folder / "images" / f"s{r['seed']}" / r["method"] / r["entry"]
+        if r["entry"] not in entries or not (images / "prompts").is_dir():
+            raise UserError(f"{images}: samples of this run are missing; rescore needs the folder of a finished "
+                            "bench as it was written")
+        jobs.append((r, entries[r["entry"]], images))
+    for r, entry, images in tqdm(jobs, desc="rescore", disable=not progress):
+        run.record(r["method"], entry, r["seed"], {k: r[k] for k in ("train_s", "delta_mb", "trainable")},
+                   run.rescore(entry, r["seed"], images))
+    summary.update(rows=run.rows, means=summarize(run.rows), rescored=time.strftime("%Y-%m-%d %H:%M:%S"))
+    for name, text in (("results.md", markdown(summary)), ("report.html", _html(summary, folder)),
+                       ("results.json", json.dumps(summary, indent=1, default=str))):
+        with atomic_path(folder / name) as tmp:
+            tmp.write_text(text)
+    return folder
 
 
 def _run_all(cfg: BenchConfig, work: Path, progress: bool) -> None:

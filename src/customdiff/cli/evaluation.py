@@ -46,9 +46,14 @@ def _cmd_demo(a: argparse.Namespace) -> None:
 
 
 def _cmd_bench(a: argparse.Namespace) -> None:
-    from ..bench import BenchConfig, run_bench
+    from ..bench import BenchConfig, rescore_bench, run_bench
 
     refuse_base(a)
+    if a.rescore:
+        out = rescore_bench(a.out, progress=not a.quiet)
+        print((out / "results.md").read_text())
+        print(f"report: {out / 'report.html'}")
+        return
     cfg = BenchConfig.quick() if a.quick else BenchConfig()
     if a.concepts:
         cfg.concepts = a.concepts
@@ -117,6 +122,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "or 0 with --quick)")
     b.add_argument("--methods", nargs="+", choices=SINGLE_METHODS, metavar="NAME",
                    help=f"single-concept methods (default: all of {', '.join(SINGLE_METHODS)})")
+    b.add_argument("--rescore", action="store_true", help="score the saved samples of the finished bench in "
+                   "--out again with the current probe and CLIP (no training or sampling) and rewrite its results "
+                   "there")
     add_no_base(b, "bench compares methods on the embedded toy world only and takes no base; for a Stable "
                 "Diffusion or SDXL folder use train and eval with --base")
     b.set_defaults(func=_cmd_bench)
