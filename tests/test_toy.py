@@ -91,6 +91,10 @@ def test_personal_looks_are_held_out_but_made_of_seen_parts():
     caps = [caption(sample_scene(rng, n_objects=1)) for _ in range(300)]
     assert any(all(c not in cap for c in COLOURS) for cap in caps)
     assert any(" with " in cap for cap in caps) and not all(" with " in cap for cap in caps)
+    # the judge's own draw of the world (held_out=()) does show them, so the probe learns to read them
+    judge_keys = {o.look.key() for _ in range(3000)
+                  for o in sample_scene(rng, n_objects=1, shape="star", held_out=()).objects}
+    assert PERSONAL["ringed_star"].key() in judge_keys
 
 
 def test_corpus_folders(tmp_path: Path):

@@ -2,9 +2,11 @@
 
 Stages (each checkpointed under the work dir; a rerun skips finished stages and resumes training):
 data -> vae -> clip -> unet+text -> probe -> concepts -> export (fp16 assets) -> quality.
-The base's text encoder starts from the CLIP's text tower, so the unet stage waits for clip; vae and probe need
-only the data. On two cores: `--stages data,vae,clip --threads 1` in one process and `--stages probe --threads 1`
-in another (it waits for the data); then `--stages unet --threads 2`, and a plain run finishes the rest.
+The base's text encoder starts from the CLIP's text tower, so the unet stage waits for clip; the probe learns
+from its own draw of the world (every combination, the personal ones included) and from the VAE's round trips
+of those images, so it waits for vae. On two cores: `--stages data,vae,clip
+--threads 1` in one process and `--stages probe --threads 1` in another (it waits for vae); then
+`--stages unet --threads 2`, and a plain run finishes the rest.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class BuildConfig:
     vae_steps: int = 600
     unet_steps: int = 16000
     clip_steps: int = 4000
-    probe_steps: int = 3000
+    probe_steps: int = 6000
     n_class_images: int = 200
     n_eval: int = 200
 
@@ -79,6 +81,10 @@ class Builder:
         np.savez_compressed(self.work / "world.npz", images=images, targets=scene_targets(scenes), clip_y=clip_y,
                             clip_named=named)
         (self.work / "captions.json").write_text(json.dumps(captions))
+        # the judge's own draw of the world: every combination, the personal ones included (the base never sees
+        # them; a probe that never saw them misreads them, e.g. ringed_star's photos as a red star)
+        images, _, scenes = sample_dataset(self.cfg.n_images, seed=5, held_out=())
+        np.savez_compressed(self.work / "judge.npz", images=images, targets=scene_targets(scenes))
 
     def _world(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         d = np.load(self.work / "world.npz")
@@ -128,12 +134,17 @@ class Builder:
         self._note("clip", {"final_loss": float(np.mean(losses[-100:])), "first_loss": losses[0]})
 
     def probe(self) -> None:
+        from diffusers import AutoencoderKL
         from safetensors.torch import save_file
 
         from .probe import train_probe
+        from .train_base import roundtrip_all
 
-        images, targets, _ = self._world()
-        probe, losses = train_probe(images, targets, self.work / "probe.pt", self.cfg.probe_steps)
+        self.wait_for("vae")
+        d = np.load(self.work / "judge.npz")
+        vae = AutoencoderKL.from_pretrained(self.work / "vae_final").eval()
+        probe, losses = train_probe(d["images"], d["targets"], self.work / "probe.pt", self.cfg.probe_steps,
+                                    decoded=roundtrip_all(vae, d["images"]))
         save_file({k: v.half().contiguous() for k, v in probe.state_dict().items()}, self.out / "probe.safetensors")
         self._note("probe", {"final_loss": float(np.mean(losses[-100:]))})
 

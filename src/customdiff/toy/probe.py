@@ -81,8 +81,14 @@ def probe_loss(probe: Probe, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return sum(F.cross_entropy(out[k], y[:, j], ignore_index=-1) for j, k in enumerate(HEADS))
 
 
-def train_probe(images: np.ndarray, targets: np.ndarray, ckpt: Path, steps: int, batch: int = 128, seed: int = 4):
-    """Train the probe on rendered world images and their scene labels."""
+def train_probe(images: np.ndarray, targets: np.ndarray, ckpt: Path, steps: int, batch: int = 128, seed: int = 4,
+                decoded: np.ndarray | None = None):
+    """Train the probe on rendered world images and their scene labels.
+
+    With `decoded` (the same images after a VAE round trip), each example is the render or its round trip with
+    equal odds: generated images are decoded latents, so the judge must read what the autoencoder can express
+    (at night, for one, the toy VAE turns black stripes into the night sky's navy).
+    """
     from .train_base import to_tensor
 
     torch.manual_seed(seed)
@@ -91,7 +97,10 @@ def train_probe(images: np.ndarray, targets: np.ndarray, ckpt: Path, steps: int,
 
     def step(i: int, rng: np.random.Generator, gen: torch.Generator) -> float:
         idx = rng.integers(0, len(images), batch)
-        loss = probe_loss(probe, _augment(to_tensor(images[idx]), gen), torch.from_numpy(targets[idx]))
+        x = images[idx]
+        if decoded is not None:
+            x = np.where(rng.random(batch)[:, None, None, None] < 0.5, decoded[idx], x)
+        loss = probe_loss(probe, _augment(to_tensor(x), gen), torch.from_numpy(targets[idx]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -119,6 +119,13 @@ def prompt_following(readings: list[Reading], scenes: list[Scene]) -> dict[str, 
 
 
 @torch.no_grad()
+def roundtrip(vae, images: list) -> torch.Tensor:
+    """Images after a VAE round trip (posterior mean, decoded), (N, 3, H, W) in [-1, 1]: the real scene as the
+    autoencoder that every generated image passes through can express it."""
+    return vae.decode(vae.encode(images_to_tensor(images)).latent_dist.mean).sample.clamp(-1, 1)
+
+
+@torch.no_grad()
 def generate(pipe, prompts: list[str], steps: int = 25, guidance: float = 5.0, seed: int = 0,
              batch: int = 50) -> np.ndarray:
     """Generate one image per prompt: float (N, H, W, 3) in [0, 1]."""
@@ -152,6 +159,7 @@ def evaluate(base: str | Path, clip: str | Path, probe_path: str | Path, n: int 
     for k in (1, 2):
         imgs, caps, scenes = held_out(n, k)
         res[f"probe_real_{k}obj"] = probe_accuracy(read(probe, images_to_tensor(imgs)), scenes)
+        res[f"probe_vae_roundtrip_{k}obj"] = probe_accuracy(read(probe, roundtrip(pipe.vae, imgs)), scenes)
         if k == 1:
             res["clip_zero_shot_real_1obj"] = clip_zero_shot(model, proc, imgs, scenes)
         gen = generate(pipe, caps, steps=steps, guidance=guidance)

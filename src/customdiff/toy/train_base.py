@@ -56,6 +56,20 @@ def encode_all(vae, images: np.ndarray, batch: int = 500) -> tuple[torch.Tensor,
     return mean, float(1.0 / mean[:2000].std())
 
 
+@torch.no_grad()
+def roundtrip_all(vae, images: np.ndarray) -> np.ndarray:
+    """uint8 images after a VAE round trip (posterior mean, decoded): as generated images can show them."""
+    return decode_all(vae, encode_all(vae, images)[0])
+
+
+@torch.no_grad()
+def decode_all(vae, mean: torch.Tensor, batch: int = 500) -> np.ndarray:
+    """uint8 (N, H, W, 3) images decoded from posterior means: renders as the autoencoder can express them."""
+    out = [vae.decode(mean[i:i + batch].float()).sample.clamp(-1, 1) for i in range(0, len(mean), batch)]
+    x = torch.cat(out).add(1.0).mul(127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     """Token ids padded to the tokenizer's max length, as the pipeline does it."""
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,

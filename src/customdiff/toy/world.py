@@ -171,13 +171,14 @@ def _naming(rng: np.random.Generator, look: Look) -> dict[str, bool]:
 
 
 def sample_scene(rng: np.random.Generator, n_objects: int | None = None, size: int = SIZE,
-                 shape: str | None = None) -> Scene:
-    """Draw a random scene: 70% one object, 30% two objects in a relation; `shape` fixes the main object's."""
+                 shape: str | None = None, held_out: Iterable = HELD_OUT) -> Scene:
+    """Draw a random scene: 70% one object, 30% two objects in a relation; `shape` fixes the main object's;
+    no object has a look in `held_out` (the personal combinations by default)."""
     n = n_objects if n_objects is not None else (1 if rng.random() < 0.7 else 2)
     setting = str(rng.choice(list(SETTINGS)))
     template = str(rng.choice(TEMPLATES))
     seed = int(rng.integers(2**31))
-    looks = [sample_look(rng, shape if i == 0 else None) for i in range(n)]
+    looks = [sample_look(rng, shape if i == 0 else None, held_out) for i in range(n)]
     name_setting = bool(rng.random() < P_NAME_SETTING)
     rare = str(rng.choice(RARE_WORDS)) if rng.random() < P_RARE_WORD else ""
     if n == 1:
@@ -388,13 +389,15 @@ def render(scene: Scene, size: int = SIZE) -> Image.Image:
     return canvas.resize((size, size), Image.Resampling.BOX)
 
 
-def sample_dataset(n: int, seed: int, size: int = SIZE) -> tuple[np.ndarray, list[str], list[Scene]]:
-    """n rendered scenes as a uint8 array (n, size, size, 3) with captions and scenes."""
+def sample_dataset(n: int, seed: int, size: int = SIZE,
+                   held_out: Iterable = HELD_OUT) -> tuple[np.ndarray, list[str], list[Scene]]:
+    """n rendered scenes as a uint8 array (n, size, size, 3) with captions and scenes (looks in `held_out`
+    never occur: the base's data leaves the personal combinations out, the judge's includes them)."""
     rng = np.random.default_rng(seed)
     images = np.empty((n, size, size, 3), np.uint8)
     captions, scenes = [], []
     for i in range(n):
-        sc = sample_scene(rng, size=size)
+        sc = sample_scene(rng, size=size, held_out=held_out)
         images[i] = np.asarray(render(sc, size))
         captions.append(caption(sc, size))
         scenes.append(sc)
