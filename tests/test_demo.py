@@ -28,6 +28,9 @@ def test_quick_demo_writes_report(tmp_path, capsys):
     page = (out / "report.html").read_text()
     assert "&lt;new1&gt;" in page and "concept fidelity" in page
     metrics = json.loads((out / "metrics.json").read_text())
+    # the shipped judge reads the concept's own photos as the concept, also as the VAE can express them
+    assert metrics["judge_ceiling"]["targets"] >= 0.75 and metrics["judge_ceiling"]["targets_vae_roundtrip"] >= 0.75
+    assert "after a round trip through the VAE" in page
     for k in ("before", "after"):
         assert -1 <= metrics[k]["text_alignment"] <= 1 and -1 <= metrics[k]["image_alignment"] <= 1
         for key in PROBE_KEYS:

@@ -28,7 +28,7 @@ class DemoConfig:
     """Settings of the demo run (training settings from customdiff.toy.recipes)."""
 
     out: str = "out/demo"
-    concept: str = "striped_circle"  # the concept this base learns best (docs/benchmarks.md)
+    concept: str = "dotted_heart"  # the concept this base learns best (docs/benchmarks.md)
     steps: int = 0  # 0 = the Custom Diffusion recipe's
     prompts: int = 0  # 0 = all held-out prompts of the concept
     n: int = 4  # images per prompt
@@ -76,6 +76,9 @@ def _report(out: Path, cfg: DemoConfig, recipe: Any, entry: Any, n_targets: int,
             f"<p>The concept: {html.escape(res['description'])}.</p>",
             "<h2>Target photos</h2><div class='t'>",
             "".join(f'<img src="targets/{i:02d}.png">' for i in range(n_targets)), "</div>",
+            f"<p>The probe reads {res['judge_ceiling']['targets']:.0%} of these photos as the concept, and "
+            f"{res['judge_ceiling']['targets_vae_roundtrip']:.0%} of them after a round trip through the VAE "
+            "(every sample is a decoded latent): a learner that redrew them exactly would score about that.</p>",
             "<h2>Metrics</h2><table><tr><th></th>", "".join(f"<th>{k.replace('_', ' ')}</th>" for k in METRIC_KEYS),
             "</tr>"]
     for k in ("before", "after"):
@@ -139,7 +142,9 @@ def _run(cfg: DemoConfig, entry: Any, names: dict, out: Path, t0: float, progres
     from .evaluate import evaluate
     from .features import ClipFeatures
     from .toy import paths
-    from .toy.fidelity import Judge, leakage
+    from .toy.fidelity import Judge, leakage, shows
+    from .toy.probe import read
+    from .toy.quality import roundtrip
     from .toy.recipes import DEMO_RECIPE, RECIPES, concept_spec
     from .train import train
 
@@ -167,11 +172,18 @@ def _run(cfg: DemoConfig, entry: Any, names: dict, out: Path, t0: float, progres
         os.replace(next((work / side / "class").iterdir()), out / f"{side}_class")
     shutil.rmtree(work)
     (out / "targets").mkdir()
-    photos = list_images(entry.concepts[0].instance_dir)
-    for i, p in enumerate(photos):
-        load_image(p).save(out / "targets" / f"{i:02d}.png")
+    photos = [load_image(p) for p in list_images(entry.concepts[0].instance_dir)]
+    for i, im in enumerate(photos):
+        im.save(out / "targets" / f"{i:02d}.png")
 
     look = judge.looks[cfg.concept]
+    # the judge's ceiling: how many target photos it reads as the concept, as rendered and as the VAE can
+    # express them (every sample is a decoded latent), so a perfect learner scores at most the latter
+    def share(hits: list[bool]) -> float:
+        return sum(hits) / len(hits)
+
+    ceiling = {"targets": share(shows(judge.read(photos), look)),
+               "targets_vae_roundtrip": share(shows(read(judge.probe, roundtrip(pipe.vae, photos)), look))}
     leaks = {}
     for side in ("before", "after"):  # mark the class-prompt samples that show the concept's pattern
         ims = [load_image(out / f"{side}_class" / f"{i:04d}.png") for i in range(min(cfg.n_class, 8))]
@@ -179,7 +191,7 @@ def _run(cfg: DemoConfig, entry: Any, names: dict, out: Path, t0: float, progres
     b, a = before["entries"][0], after["entries"][0]
     res: dict[str, Any] = {"concept": cfg.concept, "description": names[cfg.concept]["description"],
                            "before": {k: b.get(k) for k in METRIC_KEYS}, "after": {k: a.get(k) for k in METRIC_KEYS},
-                           "prompts": list(dict.fromkeys(entry.prompts))}
+                           "prompts": list(dict.fromkeys(entry.prompts)), "judge_ceiling": ceiling}
     timing = {"steps": steps, "train_s": train_s, "total_s": time.perf_counter() - t0}
     (out / "metrics.json").write_text(json.dumps({**res, **timing}, indent=1) + "\n")
     res.update(before_verdicts=b.get("verdicts", []), after_verdicts=a.get("verdicts", []), leaks=leaks)

@@ -145,6 +145,13 @@ def summarize(verdicts: Sequence[Verdict], n_concepts: int = 1) -> dict[str, flo
     return {key: _share([v.concept for v in verdicts]), "context_fidelity": _share([v.context for v in verdicts])}
 
 
+def shows(readings: Sequence[Reading], look: Look) -> list[bool]:
+    """Per reading, whether some object has the look's shape, colour, pattern and pattern colour (what
+    concept_fidelity asks of a sample)."""
+    want = _concept_named(look, "")
+    return [any(want.matched_by(o) for o in r.objects) for r in readings]
+
+
 def leakage(readings: Sequence[Reading], look: Look) -> float:
     """Share of readings with an object in the concept's pattern and pattern colour (class-prompt samples)."""
     hits = [any(o.pattern == look.pattern and o.pattern_colour == look.pattern_colour for o in r.objects)
