@@ -29,6 +29,7 @@ def test_quick_build_end_to_end_resumable_and_deterministic(tmp_path: Path, rest
                 "base_prompt_following_1obj", "clip_zero_shot_real_1obj"):
         assert 0 <= quality[key]["shape"] <= 1, key
     assert (work / "judge.npz").is_file() and (out / "base" / "model_index.json").is_file()
+    assert (work / "judge_roundtrip.npy").is_file()  # kept for a resumed probe stage
     probe = (out / "probe.safetensors").read_bytes()
 
     caplog.clear()
@@ -39,3 +40,6 @@ def test_quick_build_end_to_end_resumable_and_deterministic(tmp_path: Path, rest
     (work / "probe.pt").unlink()  # a stage trained again from scratch gives the same weights
     main([*args, "--stages", "probe", "--redo", "probe"])
     assert (out / "probe.safetensors").read_bytes() == probe
+
+    main([*args, "--stages", "data", "--redo", "data"])  # new images: the probe's round trips are made again
+    assert not (work / "judge_roundtrip.npy").exists()

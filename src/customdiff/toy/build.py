@@ -142,9 +142,13 @@ class Builder:
 
         self.wait_for("vae")
         d = np.load(self.work / "judge.npz")
-        vae = AutoencoderKL.from_pretrained(self.work / "vae_final").eval()
+        cache = self.work / "judge_roundtrip.npy"  # a resumed stage skips the round trips (minutes)
+        if not cache.exists():
+            vae = AutoencoderKL.from_pretrained(self.work / "vae_final").eval()
+            np.save(cache.with_suffix(".tmp.npy"), roundtrip_all(vae, d["images"]))
+            cache.with_suffix(".tmp.npy").replace(cache)
         probe, losses = train_probe(d["images"], d["targets"], self.work / "probe.pt", self.cfg.probe_steps,
-                                    decoded=roundtrip_all(vae, d["images"]))
+                                    decoded=np.load(cache))
         save_file({k: v.half().contiguous() for k, v in probe.state_dict().items()}, self.out / "probe.safetensors")
         self._note("probe", {"final_loss": float(np.mean(losses[-100:]))})
 
@@ -194,6 +198,8 @@ class Builder:
         """Forget that `first` and every later stage finished (training resumes from its checkpoint)."""
         for name in STAGES[STAGES.index(first):]:
             (self.work / f"{name}.done").unlink(missing_ok=True)
+        if STAGES.index(first) <= STAGES.index("vae"):  # new images or a new VAE: new round trips
+            (self.work / "judge_roundtrip.npy").unlink(missing_ok=True)
 
     def wait_for(self, stage: str, timeout_s: float = 600.0) -> None:
         """Wait for a parallel build process to finish `stage`; a clear error if none does in time.
