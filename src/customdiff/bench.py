@@ -90,32 +90,25 @@ class Runner:
         return {"train_s": time.perf_counter() - t0, "delta_mb": out.stat().st_size / 2**20,
                 "trainable": sum(v.numel() for v in d.weights.values()) + sum(v.numel() for v in d.tokens.values())}
 
-    def evaluate(self, entry: Any, deltas: list[Path], seed: int, images_out: Path | None) -> dict[str, Any]:
-        """Sample and score an entry with the deltas applied (probe and CLIP measures)."""
+    def evaluate(self, entry: Any, deltas: list[Path], seed: int, images_out: Path | None = None,
+                 images_in: Path | None = None) -> dict[str, Any]:
+        """Score an entry (probe and CLIP measures): sampled with the deltas applied, or, with `images_in`, its
+        saved samples read back (no pipeline)."""
         from .base import load_pipeline
         from .config import EvalConfig
         from .delta import apply_deltas, load_delta
         from .evaluate import evaluate
 
         cfg = self.cfg
-        pipe = load_pipeline("toy")
-        apply_deltas(pipe, [load_delta(p) for p in deltas], [str(p) for p in deltas])
-        if cfg.prompts:
-            entry = type(entry)(entry.name, entry.concepts, entry.prompts[:cfg.prompts], entry.index)
+        pipe = None
+        if images_in is None:
+            pipe = load_pipeline("toy")
+            apply_deltas(pipe, [load_delta(p) for p in deltas], [str(p) for p in deltas])
+            if cfg.prompts:
+                entry = type(entry)(entry.name, entry.concepts, entry.prompts[:cfg.prompts], entry.index)
         ecfg = EvalConfig(n=cfg.n, steps=cfg.sample_steps, guidance=cfg.guidance, seed=seed, n_class=cfg.n_class,
                           class_template="photo of a {}", kid_subsets=50, kid_subset_size=cfg.n_class)
-        r = evaluate(pipe, [entry], self.clip, ecfg, images_out=images_out, judge=self.judge)
-        return {k: r["entries"][0].get(k) for k in METRICS}
-
-    def rescore(self, entry: Any, seed: int, images_in: Path) -> dict[str, Any]:
-        """Score an entry's saved samples again (current judge and CLIP; no sampling)."""
-        from .config import EvalConfig
-        from .evaluate import evaluate
-
-        cfg = self.cfg
-        ecfg = EvalConfig(n=cfg.n, steps=cfg.sample_steps, guidance=cfg.guidance, seed=seed, n_class=cfg.n_class,
-                          class_template="photo of a {}", kid_subsets=50, kid_subset_size=cfg.n_class)
-        r = evaluate(None, [entry], self.clip, ecfg, images_in=images_in, judge=self.judge)
+        r = evaluate(pipe, [entry], self.clip, ecfg, images_out=images_out, images_in=images_in, judge=self.judge)
         return {k: r["entries"][0].get(k) for k in METRICS}
 
     def record(self, method: str, entry: Any, seed: int, stats: dict, metrics: dict) -> None:
@@ -142,7 +135,6 @@ def rescore_bench(folder: str | Path, progress: bool = True) -> Path:
     from tqdm.auto import tqdm
 
     from .errors import UserError
-    from .outputs import atomic_path
 
     folder = Path(folder)
     src = folder / "results.json"
@@ -160,12 +152,9 @@ def rescore_bench(folder: str | Path, progress: bool = True) -> Path:
         jobs.append((r, entries[r["entry"]], images))
     for r, entry, images in tqdm(jobs, desc="rescore", disable=not progress):
         run.record(r["method"], entry, r["seed"], {k: r[k] for k in ("train_s", "delta_mb", "trainable")},
-                   run.rescore(entry, r["seed"], images))
+                   run.evaluate(entry, [], r["seed"], images_in=images))
     summary.update(rows=run.rows, means=summarize(run.rows), rescored=time.strftime("%Y-%m-%d %H:%M:%S"))
-    for name, text in (("results.md", markdown(summary)), ("report.html", _html(summary, folder)),
-                       ("results.json", json.dumps(summary, indent=1, default=str))):
-        with atomic_path(folder / name) as tmp:
-            tmp.write_text(text)
+    _write_results(summary, folder)
     return folder
 
 
@@ -225,9 +214,17 @@ def _run_all(cfg: BenchConfig, work: Path, progress: bool) -> None:
     bar.close()
     summary = {"config": asdict(cfg), "rows": run.rows, "total_s": time.perf_counter() - t_start,
                "means": summarize(run.rows)}
-    (work / "results.json").write_text(json.dumps(summary, indent=1, default=str))
-    (work / "results.md").write_text(markdown(summary))
-    (work / "report.html").write_text(_html(summary, work))
+    _write_results(summary, work)
+
+
+def _write_results(summary: dict, folder: Path) -> None:
+    """results.md, report.html and results.json (last: it marks a finished bench), each replaced atomically."""
+    from .outputs import atomic_path
+
+    for name, text in (("results.md", markdown(summary)), ("report.html", _html(summary, folder)),
+                       ("results.json", json.dumps(summary, indent=1, default=str))):
+        with atomic_path(folder / name) as tmp:
+            tmp.write_text(text)
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -118,11 +118,12 @@ def prompt_following(readings: list[Reading], scenes: list[Scene]) -> dict[str, 
     return res
 
 
-@torch.no_grad()
 def roundtrip(vae, images: list) -> torch.Tensor:
-    """Images after a VAE round trip (posterior mean, decoded), (N, 3, H, W) in [-1, 1]: the real scene as the
-    autoencoder that every generated image passes through can express it."""
-    return vae.decode(vae.encode(images_to_tensor(images)).latent_dist.mean).sample.clamp(-1, 1)
+    """PIL images after a VAE round trip (`train_base.roundtrip_all`), (N, 3, H, W) in [-1, 1]: the real scene
+    as the autoencoder that every generated image passes through can express it."""
+    from .train_base import roundtrip_all
+
+    return images_to_tensor(list(roundtrip_all(vae, np.stack([np.asarray(im.convert("RGB")) for im in images]))))
 
 
 @torch.no_grad()
