@@ -349,7 +349,10 @@ def run_example(script: str, a: argparse.Namespace, base: Path, photos: Path, cl
     sys.stdout.write(proc.stdout)
     whole = time.perf_counter() - t0  # the example's whole process: its whole run and its process time alike
     found = [json.loads(x[8:]) for x in proc.stdout.splitlines() if x.startswith("EXAMPLE ")]
-    return {"whole_run_s": whole, "process_s": whole, "rc": proc.returncode, **(found[-1] if found else {}),
+    # without a GPU: the example's peak RSS (this process's only waited-for child)
+    rss = {} if torch.cuda.is_available() else {
+        "peak_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, "peak_kind": "peak_rss"}
+    return {"whole_run_s": whole, "process_s": whole, "rc": proc.returncode, **(found[-1] if found else {}), **rss,
             "nvidia_smi_peak_gb": gpu.peak}
 
 
@@ -391,7 +394,7 @@ def bench(a: argparse.Namespace) -> dict:
         result = {"program": "customdiff", **json.loads(lines[-1][7:]), "nvidia_smi_peak_gb": gpu.peak,
                   "levers": {k: config[k] for k in ("frozen_weights", "cache", "prefetch", "compile",
                                                     "channels_last", "cudnn_benchmark", "log_every")}}
-    row = {**settings, **result}
+    row = {**settings, **result, **({"label": a.label} if a.label else {})}
     print(json.dumps(row))
     if a.json:
         with open(a.json, "a") as f:
@@ -419,6 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--prefetch", type=int, default=2)
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--compile", action="store_true")
+    g.add_argument("--label", default="", help="a name for this run, stored in its JSON line")
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--cudnn-benchmark", action="store_true")
     g.add_argument("--example", metavar="SCRIPT", help="run diffusers' train_custom_diffusion.py instead")

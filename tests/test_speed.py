@@ -143,13 +143,15 @@ def test_bf16_frozen_weights_give_a_delta_close_to_float32(tiny_base, concept_di
                           learning_rate=1e-3, **kw)
         runs[name] = load_delta(train(cfg, _spec(concept_dirs), progress=False))
 
-    # storage: frozen weights in bf16, trained K/V, the embedding table (new rows) and norms in float32
+    # storage: frozen weights in bf16 (the UNet's and VAE's norms too, which run in bf16), trained K/V and the
+    # embedding table (new rows) in float32; the text encoder's norms stay float32 (its input rows are float32)
     pipe = seen["pipe"]
     for n, p in pipe.unet.named_parameters():
-        want = torch.float32 if n in seen["names"] or "norm" in n else torch.bfloat16
+        want = torch.float32 if n in seen["names"] else torch.bfloat16
         assert p.dtype == want, n
-    assert {p.dtype for p in pipe.vae.parameters()} == {torch.float32, torch.bfloat16}
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.bfloat16}
     assert pipe.text_encoder.get_input_embeddings().weight.dtype == torch.float32
+    assert {p.dtype for n, p in pipe.text_encoder.named_parameters() if "layer_norm" in n} == {torch.float32}
     assert next(p for n, p in pipe.text_encoder.named_parameters() if "fc1" in n).dtype == torch.bfloat16
 
     ref = runs["fp32"]
@@ -224,3 +226,35 @@ def test_a_pipeline_passed_in_is_stored_low_only_when_owned(tiny_base, concept_d
     frozen = {dtypes[n] for n in dtypes if n not in trained and "norm" not in n}
     assert frozen == ({torch.bfloat16} if owned else {torch.float32})
     assert all(v.dtype == torch.float32 for v in delta.weights.values())
+
+
+def test_stored_norms_run_in_their_dtype_under_autocast():
+    # autocast runs norms in float32 on a GPU; stored in bf16 they run in bf16 outside it, as in a model stored
+    # wholly in bf16, and give the float32 result to bf16 rounding. A norm named in `keep` stays float32.
+    from customdiff.precision import store_frozen
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(),
+                              torch.nn.Flatten(2), torch.nn.LayerNorm(16), torch.nn.LayerNorm(16))
+    for m in net.modules():  # non-trivial affine parameters
+        if isinstance(m, torch.nn.GroupNorm | torch.nn.LayerNorm):
+            torch.nn.init.normal_(m.weight, 1.0, 0.3)
+            torch.nn.init.normal_(m.bias, 0.0, 0.3)
+    x = torch.randn(2, 4, 4, 4)
+    ref = net(x)
+    saved = store_frozen(net, torch.bfloat16, keep={"5.weight", "5.bias"}, norms=True)
+    assert saved == 2 * sum(p.numel() for n, p in net.named_parameters() if not n.startswith("5."))
+    assert net[1].weight.dtype == net[4].weight.dtype == torch.bfloat16
+    assert net[5].weight.dtype == torch.float32 and type(net[5]) is torch.nn.LayerNorm
+    assert isinstance(net[1], torch.nn.GroupNorm) and isinstance(net[4], torch.nn.LayerNorm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net[1](torch.randn(2, 8, 4, 4)).dtype == torch.bfloat16  # a float32 input is cast down
+        out = net[:5](x)
+        assert out.dtype == torch.bfloat16
+        final = net(x)
+    torch.testing.assert_close(final.float(), ref, rtol=0.05, atol=0.05)
+    # without `norms` every norm stays float32 and keeps its class
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    store_frozen(plain, torch.bfloat16)
+    assert plain[1].weight.dtype == torch.float32 and type(plain[1]) is torch.nn.LayerNorm
+

@@ -106,20 +106,51 @@ def restore_kept(pipe: Any, kept: dict[str, dict[str, torch.Tensor]]) -> bool:
 _NORMS = (nn.LayerNorm, nn.GroupNorm)
 
 
-def store_frozen(module: nn.Module, dtype: torch.dtype, keep: Collection[str] = ()) -> int:
+class _StoredGroupNorm(nn.GroupNorm):
+    """A GroupNorm that runs in the dtype it is stored in, outside autocast (which would upcast it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.to(self.weight.dtype))
+
+
+class _StoredLayerNorm(nn.LayerNorm):
+    """A LayerNorm that runs in the dtype it is stored in, outside autocast (which would upcast it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.to(self.weight.dtype))
+
+
+_STORED_NORMS: dict[type, type] = {nn.GroupNorm: _StoredGroupNorm, nn.LayerNorm: _StoredLayerNorm}
+
+
+def store_frozen(module: nn.Module, dtype: torch.dtype, keep: Collection[str] = (), norms: bool = False) -> int:
     """Cast every floating-point parameter of `module` not named in `keep` to `dtype`; bytes saved.
 
-    Normalisation layers stay float32 (a few kB): autocast runs them in float32 on a GPU anyway, and on the
-    CPU a float32 input (from a float32 embedding) into a low-precision LayerNorm is an error."""
-    norms = {f"{m}.{n}" if m else n for m, mod in module.named_modules() if isinstance(mod, _NORMS)
-             for n, _ in mod.named_parameters(recurse=False)}
+    With `norms`, its normalisation layers (plain LayerNorm/GroupNorm with weights, none kept) are cast too and
+    run in `dtype` outside autocast, as in a model stored wholly in that dtype: autocast would run them in
+    float32, and a float32 norm output feeds a float32 activation into every following op that saves its input
+    for the backward pass (GPU kernels accumulate a low-precision norm's statistics in float32). Otherwise they
+    stay float32 (a few kB): on the CPU a float32 input (from a float32 embedding) into a low-precision LayerNorm
+    is an error, which is why a text encoder keeps them."""
+    kept_norms: set[str] = set()
+    for m, mod in module.named_modules():
+        if not isinstance(mod, _NORMS):
+            continue
+        names = [f"{m}.{n}" if m else n for n, _ in mod.named_parameters(recurse=False)]
+        if (norms and type(mod) in _STORED_NORMS and getattr(mod, "weight", None) is not None
+                and not any(n in keep for n in names)):
+            mod.__class__ = _STORED_NORMS[type(mod)]
+        else:
+            kept_norms.update(names)
     saved = 0
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if name in norms and p.dtype != torch.float32:  # loaded in the low dtype: back to float32
+            if name in kept_norms and p.dtype != torch.float32:  # loaded in the low dtype: back to float32
                 p.data = p.data.float()
                 continue
-            if name in keep or name in norms or not p.is_floating_point() or p.dtype == dtype:
+            if name in keep or name in kept_norms or not p.is_floating_point() or p.dtype == dtype:
                 continue
             saved += p.numel() * (p.element_size() - torch.finfo(dtype).bits // 8)
             p.data = p.data.to(dtype)
@@ -134,13 +165,14 @@ def embedding_name(encoder: nn.Module) -> str:
 
 def store_pipeline_frozen(pipe: Any, dtype: torch.dtype, trained: Iterable[str]) -> None:
     """Frozen UNet, VAE and text encoders of a pipeline in `dtype`; trained UNet tensors and input embeddings
-    stay float32. A float16 VAE that asks for upcasting (SDXL's overflows) stays float32."""
-    saved = store_frozen(pipe.unet, dtype, set(trained))
+    stay float32; the UNet's and VAE's normalisation layers run in `dtype` (store_frozen). A float16 VAE that asks
+    for upcasting (SDXL's overflows) stays float32."""
+    saved = store_frozen(pipe.unet, dtype, set(trained), norms=True)
     if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
         pipe.vae.to(torch.float32)
         log.info("the VAE stays float32 (its config asks for upcasting in float16)")
     else:
-        saved += store_frozen(pipe.vae, dtype)
+        saved += store_frozen(pipe.vae, dtype, norms=True)
     for side in sides(pipe):
         enc = getattr(pipe, side.encoder)
         saved += store_frozen(enc, dtype, {embedding_name(enc)})
