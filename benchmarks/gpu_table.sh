@@ -23,6 +23,7 @@ for g in $groups; do
     levers)  # each lever off alone (fp16), then the three that are off by default on
       run "${sd15[@]}" --mixed-precision fp16 --frozen-weights float32
       run "${sd15[@]}" --mixed-precision fp16 --no-cache
+      run "${sd15[@]}" --mixed-precision fp16 --lean-activations off
       run "${sd15[@]}" --mixed-precision fp16 --prefetch 0
       run "${sd15[@]}" --mixed-precision fp16 --log-every 1
       run "${sd15[@]}" --mixed-precision fp16 --channels-last

@@ -258,3 +258,80 @@ def test_stored_norms_run_in_their_dtype_under_autocast():
     store_frozen(plain, torch.bfloat16)
     assert plain[1].weight.dtype == torch.float32 and type(plain[1]) is torch.nn.LayerNorm
 
+
+
+def _saved_bytes_and_grads(unet, lean: bool, autocast: bool = False):
+    """Bytes of non-parameter tensors saved for backward in one forward, and the trained tensors' gradients."""
+    from customdiff.activations import lean_activations
+    from customdiff.surgery import freeze_except, trainable_names
+
+    freeze_except(unet, trainable_names(unet, "crossattn_kv"))
+    counts = lean_activations(unet) if lean else None
+    params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, unet.config.in_channels, 16, 16, generator=g)
+    ctx = torch.randn(2, 7, unet.config.cross_attention_dim, generator=g)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = unet(x, torch.tensor([10, 500]), ctx).sample
+    out.float().pow(2).mean().backward()
+    grads = {n: p.grad.float() for n, p in unet.named_parameters() if p.grad is not None}
+    return sum(seen.values()), grads, counts
+
+
+def test_lean_activations_save_less_for_the_same_gradients(tiny_base):
+    from diffusers import UNet2DConditionModel
+
+    load = lambda: UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")  # noqa: E731
+    stock, g_stock, _ = _saved_bytes_and_grads(load(), lean=False)
+    lean, g_lean, counts = _saved_bytes_and_grads(load(), lean=True)
+    assert counts["conv"] > 0 and counts["geglu"] > 0
+    assert lean < 0.85 * stock, (lean, stock)  # the frozen convolutions' inputs and the gelu outputs are gone
+    assert g_lean.keys() == g_stock.keys() and g_stock
+    for k in g_stock:  # the same kernels in the same order: equal in float32
+        torch.testing.assert_close(g_lean[k], g_stock[k], rtol=1e-6, atol=1e-9)
+    # under autocast: the low-precision conv and product, as autocast would run them
+    _, a_stock, _ = _saved_bytes_and_grads(load(), lean=False, autocast=True)
+    _, a_lean, _ = _saved_bytes_and_grads(load(), lean=True, autocast=True)
+    for k in a_stock:
+        torch.testing.assert_close(a_lean[k], a_stock[k], rtol=0.02, atol=1e-3 * float(a_stock[k].abs().max()))
+
+
+def test_lean_conv_keeps_the_stock_backward_for_a_trained_weight():
+    from customdiff.activations import lean_activations
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 2, 3, padding="same"))
+    ref = [p.detach().clone() for p in net.parameters()]
+    x = torch.randn(1, 3, 6, 6)
+    net(x).sum().backward()
+    want = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    assert lean_activations(net) == {"conv": 1, "geglu": 0}  # padding="same" is left alone
+    assert all(torch.equal(a, b) for a, b in zip(ref, net.parameters(), strict=True))
+    net(x).sum().backward()  # the weight trains: its gradient comes from the stock backward
+    for p, w in zip(net.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, w)
+
+
+def test_lean_activations_train_the_same_delta(tiny_base, concept_dirs, tmp_path, monkeypatch):
+    from customdiff import activations
+
+    calls = []
+    real = activations.lean_activations
+    monkeypatch.setattr(train_module, "lean_activations", lambda unet: calls.append(1) or real(unet))
+    deltas = {}
+    for mode in ("on", "off", "auto"):  # auto: off on the CPU
+        cfg = TrainConfig(base=tiny_base, out=str(tmp_path / f"{mode}.safetensors"), steps=3, batch_size=2,
+                          learning_rate=1e-3, lean_activations=mode)
+        deltas[mode] = load_delta(train(cfg, _spec(concept_dirs), progress=False))
+    assert len(calls) == 1  # "on" alone swapped the modules
+    for k, v in deltas["off"].weights.items():
+        torch.testing.assert_close(deltas["on"].weights[k], v, rtol=1e-5, atol=1e-8)

@@ -1,0 +1,118 @@
+"""Fewer activations saved for the backward pass of a UNet whose convolutions are frozen.
+
+Custom Diffusion trains cross-attention K/V only, so the backward pass needs gradients with respect to
+activations, never to a convolution's weight. Two of the tensors autograd keeps are then dead weight:
+- a convolution saves its input even when its weight is frozen (torch's convolution backward always keeps it);
+  the input is only needed for the weight's gradient, so a frozen convolution here keeps its weight alone and
+  computes the input's gradient from it (the same backward-data kernel autograd calls);
+- GEGLU's `h * gelu(gate)` saves gelu(gate), a new tensor as large as `h`, beside the projection it came from;
+  here the product keeps only `h` and `gate` (views of the projection, kept anyway) and recomputes gelu(gate)
+  in the backward pass.
+Both give the same values and gradients as the modules they replace (tested); the classes swap in place, so
+parameter names, hooks and state dicts are unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+class _FrozenConvFn(torch.autograd.Function):
+    """conv2d whose backward gives the input's gradient only, from the saved weight (not the input)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Any,
+                padding: Any, dilation: Any, groups: int) -> torch.Tensor:
+        ctx.meta = (x.shape, x.dtype, stride, padding, dilation, groups)
+        ctx.save_for_backward(weight)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (weight,) = ctx.saved_tensors
+        shape, dtype, stride, padding, dilation, groups = ctx.meta
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.nn.grad.conv2d_input(shape, weight, grad.to(weight.dtype), stride, padding, dilation,
+                                            groups).to(dtype)
+        return gx, None, None, None, None, None, None
+
+
+class _LeanConv2d(nn.Conv2d):
+    """A Conv2d that, while its weight is frozen, saves only the weight for the backward pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad) \
+                or not torch.is_grad_enabled():
+            return super().forward(x)
+        weight, bias = self.weight, self.bias
+        low = _autocast_dtype(x.device.type)
+        if low is not None:  # what autocast would do for conv2d: everything in its low dtype
+            x, weight = x.to(low), weight.to(low)
+            bias = None if bias is None else bias.to(low)
+        with torch.autocast(x.device.type, enabled=False):
+            return _FrozenConvFn.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _GeluGateFn(torch.autograd.Function):
+    """h * gelu(gate), saving h and gate only: gelu(gate) is recomputed in the backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h, gate)
+        return h * F.gelu(gate)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        h, gate = ctx.saved_tensors
+        gh = grad * F.gelu(gate) if ctx.needs_input_grad[0] else None
+        gg = torch.ops.aten.gelu_backward(grad * h, gate) if ctx.needs_input_grad[1] else None
+        return gh, gg
+
+
+def _lean_geglu_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    h, gate = self.proj(hidden_states).chunk(2, dim=-1)
+    if not torch.is_grad_enabled():
+        return h * F.gelu(gate)
+    return _GeluGateFn.apply(h, gate)
+
+
+_LEAN_GEGLU: dict[type, type] = {}
+
+
+def _lean_geglu_class(cls: type) -> type:
+    """A subclass of diffusers' GEGLU (`cls`) with the leaner product."""
+    if cls not in _LEAN_GEGLU:
+        _LEAN_GEGLU[cls] = type("LeanGEGLU", (cls,), {"forward": _lean_geglu_forward,
+                                                       "__doc__": "GEGLU saving no gelu output (activations.py)."})
+    return _LEAN_GEGLU[cls]
+
+
+def lean_activations(unet: nn.Module) -> dict[str, int]:
+    """Swap `unet`'s frozen Conv2d and its GEGLU modules for the leaner ones in place; how many of each.
+
+    Call after freezing: a convolution whose weight trains keeps the stock backward (checked at each call)."""
+    from diffusers.models.activations import GEGLU
+
+    counts = {"conv": 0, "geglu": 0}
+    for mod in unet.modules():
+        if type(mod) is nn.Conv2d and mod.padding_mode == "zeros" and not isinstance(mod.padding, str):
+            mod.__class__ = _LeanConv2d
+            counts["conv"] += 1
+        elif type(mod) is GEGLU:
+            mod.__class__ = _lean_geglu_class(GEGLU)
+            counts["geglu"] += 1
+    log.info("leaner backward: %d frozen convolutions keep no input, %d GEGLU keep no gelu output",
+             counts["conv"], counts["geglu"])
+    return counts
