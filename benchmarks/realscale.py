@@ -374,8 +374,8 @@ def bench(a: argparse.Namespace) -> dict:
                   "batch_size": a.batch_size, "resolution": a.resolution, "mixed_precision": a.mixed_precision,
                   "gradient_checkpointing": a.gradient_checkpointing, "seed": 0, "num_class_images": 0,
                   "initializer": [initializer(base)], "frozen_weights": a.frozen_weights, "cache": a.cache,
-                  "prefetch": a.prefetch, "lean_activations": a.lean_activations, "compile": a.compile, "channels_last": a.channels_last,
-                  "cudnn_benchmark": a.cudnn_benchmark, "log_every": a.log_every}
+                  "prefetch": a.prefetch, "lean_activations": a.lean_activations, "compile": a.compile,
+                  "channels_last": a.channels_last, "cudnn_benchmark": a.cudnn_benchmark, "log_every": a.log_every}
         spec = {"config": config, "photos": str(photos), "class": str(classes), "sample_steps": a.sample_steps,
                 "samples": str(run_dir / "samples")}
         print("$ customdiff train --base {base} --concept {photos} --reg-dir {classes} --instance-prompt '{ip}' "
@@ -392,8 +392,8 @@ def bench(a: argparse.Namespace) -> dict:
             sys.stderr.write(proc.stderr[-4000:])
             raise SystemExit(f"the training run failed (exit {proc.returncode})")
         result = {"program": "customdiff", **json.loads(lines[-1][7:]), "nvidia_smi_peak_gb": gpu.peak,
-                  "levers": {k: config[k] for k in ("frozen_weights", "cache", "prefetch", "lean_activations", "compile",
-                                                    "channels_last", "cudnn_benchmark", "log_every")}}
+                  "levers": {k: config[k] for k in ("frozen_weights", "cache", "prefetch", "lean_activations",
+                                                    "compile", "channels_last", "cudnn_benchmark", "log_every")}}
     row = {**settings, **result, **({"label": a.label} if a.label else {})}
     print(json.dumps(row))
     if a.json:
