@@ -27,3 +27,12 @@ def test_realscale_training_benchmark_smoke(tmp_path):
     for key in ("first_step_s", "steps_per_s", "whole_run_s", "process_s", "peak_gb", "data_wait_share", "sample_s"):
         assert row[key] == row[key] and row[key] > 0 or key == "data_wait_share", key  # numbers, not NaN
     assert len(list((tmp_path / "work").glob("tiny-64px-*/samples/*.png"))) >= 4
+
+
+def test_saved_activations_benchmark_orders_the_levers():
+    spec = importlib.util.spec_from_file_location("saved_activations", ROOT / "benchmarks" / "saved_activations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    saved = {v: module.child("tiny", 64, 2, v)["saved_gib"] for v in module.VARIANTS}
+    # float32 norm outputs (as CUDA autocast runs them) cost bytes; the lean backward saves less again
+    assert saved["lean"] < saved["norms"] < saved["before"], saved
