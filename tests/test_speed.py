@@ -196,6 +196,7 @@ def test_timings_are_reported(tiny_base, concept_dirs, tmp_path):
     train(TrainConfig(base=tiny_base, out=str(tmp_path / "t.safetensors"), steps=3, batch_size=2, log_every=1),
           _spec(concept_dirs), progress=False, timings=timings)
     assert timings["steps_after_first"] == 2 and timings["first_step_s"] >= timings["setup_s"] > 0
+    assert 0 < timings["checked_at_s"] <= timings["loaded_at_s"] <= timings["prepared_at_s"] <= timings["setup_s"]
     assert timings["steps_per_s"] > 0 and 0 <= timings["data_wait_share"] < 1
 
 

@@ -185,8 +185,10 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     low = frozen_dtype(cfg.mixed_precision, cfg.frozen_weights) if pipe is None or pipe_owned else None
     facts = base_facts(cfg.base) if low and pipe is None else None  # a float32 pipeline passed in needs no files
     kept = read_kept(cfg.base, cfg.train, facts.pipeline == XL_PIPELINE) if facts is not None else None
+    clock.mark("checked")
     if pipe is None:
         pipe = load_pipeline(cfg.base, dtype=low if kept else torch.float32, device=accelerator.device)
+    clock.mark("loaded")
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     factor = pipe.vae_scale_factor
     size = cfg.resolution or unet.config.sample_size * factor
@@ -258,6 +260,7 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     log.info("training %d token(s) %s initialised from %s; lr %.2e; %d steps at batch %d x %d process(es)",
              len(tokens), tokens, inits, lr, cfg.steps, cfg.batch_size, world)
     model, optimizer = accelerator.prepare(model, optimizer)
+    clock.mark("prepared")
     if cfg.logdir:
         accelerator.init_trackers("customdiff", config={k: str(v) for k, v in cfg.to_dict().items()})
 
@@ -347,15 +350,22 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
 class _Clock:
     """Wall-clock readings of a training run, taken where the loss is read back (a device sync), into `out`.
 
-    Keys: setup_s (start to the loop), first_step_s (start to the first step's loss), steps_after_first and
-    steady_s (the steps after the first and their time), steps_per_s, data_wait_s (the loop's wait for its
-    batches after the first step: batch, tokens, copy to the device) and data_wait_share (of steady_s)."""
+    Keys: checked_at_s, loaded_at_s and prepared_at_s (the end of each setup phase: inputs checked, pipeline
+    loaded, model and optimizer ready), setup_s (start to the loop), first_step_s (start to the first step's
+    loss), steps_after_first and steady_s (the steps after the first and their time), steps_per_s, data_wait_s
+    (the loop's wait for its batches after the first step: batch, tokens, copy to the device) and
+    data_wait_share (of steady_s)."""
 
     def __init__(self, out: dict[str, float] | None):
         self.out, self.t0 = out, time.perf_counter()
         self.t_loop = self.t_first = self.t_last = 0.0
         self.steps = self.first_steps = 0
         self.wait = self.wait_first = 0.0
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        """A setup phase ended: `{name}_at_s` (seconds since the start) goes into `out`."""
+        self.marks[f"{name}_at_s"] = time.perf_counter() - self.t0
 
     def loop(self) -> None:
         """The training loop starts."""
@@ -382,6 +392,7 @@ class _Clock:
             return
         steady = self.t_last - self.t_first
         after = self.steps - self.first_steps
+        self.out.update(self.marks)
         self.out.update(setup_s=self.t_loop - self.t0, first_step_s=self.t_first - self.t0,
                         steps_after_first=float(after), steady_s=steady,
                         steps_per_s=after / steady if steady > 0 else float("nan"),
