@@ -2,7 +2,7 @@
 a real-size UNet (random weights from its config, no download), under each memory lever. Device-independent,
 so it runs on the CPU, and it predicts the GPU's peak: a step's peak is the weights plus these bytes.
 
-    python benchmarks/saved_activations.py [--arch sd15] [--resolution 512] [--batch-size 8]
+    python benchmarks/saved_activations.py [--arch sd15] [--resolution 512] [--batch-size 8] [--by-module]
 
 Each variant runs in a fresh child process under bf16 autocast (fp16 costs the same bytes), with the K/V of
 cross-attention trained and the start token's K/V detached, as `customdiff train` runs it:
@@ -28,7 +28,8 @@ VARIANTS = ("before", "norms", "lean")
 
 
 def child(arch: str, resolution: int, batch: int, variant: str) -> dict:
-    """One forward of `variant`; GiB of saved activations and the forward's seconds."""
+    """One forward of `variant`: GiB of saved activations, the forward's seconds, and the GiB by the module
+    (parent/innermost class) that saved them."""
     import time
 
     import torch
@@ -79,17 +80,32 @@ def child(arch: str, resolution: int, batch: int, variant: str) -> dict:
         extra = {"added_cond_kwargs": {"text_embeds": torch.randn(batch, 1280), "time_ids": torch.randn(batch, 6)}}
     params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
     seen: dict[int, int] = {}
+    by_module: dict[str, float] = {}
+    stack: list[str] = []  # the classes of the modules running now, outermost first
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
+        if storage.data_ptr() not in params and storage.data_ptr() not in seen:
             seen[storage.data_ptr()] = storage.nbytes()
+            where = "/".join(stack[-2:])
+            by_module[where] = by_module.get(where, 0.0) + storage.nbytes() / 2**30
         return t
 
+    def enter(module: nn.Module, args: object) -> None:
+        stack.append(type(module).__name__)
+
+    def leave(module: nn.Module, args: object, out: object) -> None:
+        stack.pop()
+
+    hooks = [nn.modules.module.register_module_forward_pre_hook(enter),
+             nn.modules.module.register_module_forward_hook(leave)]
     t0 = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
         unet(x, torch.full((batch,), 500), text, **extra)
-    return {"variant": variant, "saved_gib": sum(seen.values()) / 2**30, "forward_s": time.perf_counter() - t0}
+    for h in hooks:
+        h.remove()
+    return {"variant": variant, "saved_gib": sum(seen.values()) / 2**30, "forward_s": time.perf_counter() - t0,
+            "by_module": dict(sorted(by_module.items(), key=lambda kv: -kv[1]))}
 
 
 def main() -> None:
@@ -99,15 +115,18 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--by-module", action="store_true", help="also print where the bytes are saved (GiB by "
+                   "parent/module class, largest first)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         print("RESULT " + json.dumps(child(a.arch, a.resolution, a.batch_size, a.child)), flush=True)
         return
     print(f"{a.arch}, {a.resolution} px, batch {a.batch_size}, bf16 autocast: activations saved for backward")
-    print("| variant | saved | vs before | forward (CPU) |")
+    print(f"| variant | saved | vs {a.variants[0]} | forward (CPU) |")
     print("|---|---:|---:|---:|")
     first = None
+    rows = []
     for v in a.variants:
         proc = subprocess.run([sys.executable, __file__, "--arch", a.arch, "--resolution", str(a.resolution),
                                "--batch-size", str(a.batch_size), "--child", v], capture_output=True, text=True)
@@ -119,6 +138,11 @@ def main() -> None:
         first = r["saved_gib"] if first is None else first
         print(f"| {v} | {r['saved_gib']:.3f} GiB | {r['saved_gib'] - first:+.3f} GiB | {r['forward_s']:.0f} s |",
               flush=True)
+        rows.append(r)
+    if a.by_module:
+        for r in rows:
+            top = list(r["by_module"].items())[:8]
+            print(f"{r['variant']}: " + ", ".join(f"{k} {v:.3f}" for k, v in top))
 
 
 if __name__ == "__main__":
