@@ -4,7 +4,9 @@
 # the same data and settings. Every run appends one JSON line to $OUT; see docs/performance.md.
 #
 #   bash benchmarks/gpu_table.sh            # everything (about 25 minutes on an H100)
-#   bash benchmarks/gpu_table.sh sd15       # one group: sd15 | levers | example | sd21 | sdxl
+#   bash benchmarks/gpu_table.sh sd15       # one group: sd15 | levers | example | sd21 | sdxl | core
+#   STEPS=150 DIFFUSERS_EXAMPLE=... bash benchmarks/gpu_table.sh core   # one 10-minute device call: the
+#                                           # example, the defaults, lean activations off, checkpointing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -36,12 +38,19 @@ for g in $groups; do
         run "${sd15[@]}" --mixed-precision fp16 --example "$DIFFUSERS_EXAMPLE"
         run "${sd15[@]}" --mixed-precision fp16 --gradient-checkpointing --example "$DIFFUSERS_EXAMPLE"
       fi ;;
+    core)  # what issue 10's goals need, alternating ours with the lever off
+      if [ -n "${DIFFUSERS_EXAMPLE:-}" ]; then run "${sd15[@]}" --mixed-precision fp16 --example "$DIFFUSERS_EXAMPLE"; fi
+      run "${sd15[@]}" --mixed-precision fp16
+      run "${sd15[@]}" --mixed-precision fp16 --lean-activations off
+      run "${sd15[@]}" --mixed-precision fp16
+      run "${sd15[@]}" --mixed-precision fp16 --lean-activations off
+      run "${sd15[@]}" --mixed-precision fp16 --gradient-checkpointing ;;
     sd21)
       run --arch sd21 --resolution 768 --batch-size 8 --train-steps "$STEPS" --mixed-precision fp16 ;;
     sdxl)
       run --arch sdxl --resolution 1024 --batch-size 2 --train-steps "$STEPS" --mixed-precision fp16
       run --arch sdxl --resolution 1024 --batch-size 2 --train-steps "$STEPS" --mixed-precision bf16 ;;
-    *) echo "unknown group $g (sd15 | levers | example | sd21 | sdxl)" >&2; exit 2 ;;
+    *) echo "unknown group $g (sd15 | levers | example | sd21 | sdxl | core)" >&2; exit 2 ;;
   esac
 done
 echo "results in $OUT"
