@@ -22,9 +22,9 @@ from PIL import Image
 from customdiff.data import list_images
 from customdiff.toy import paths
 from customdiff.toy.export import load_pipeline
-from customdiff.toy.fidelity import Judge, images_to_tensor, shows
+from customdiff.toy.fidelity import Judge, images_to_tensor
 from customdiff.toy.probe import read
-from customdiff.toy.quality import held_out, probe_accuracy, roundtrip
+from customdiff.toy.quality import held_out, probe_accuracy, roundtrip, target_hits
 
 
 def main() -> None:
@@ -42,11 +42,8 @@ def main() -> None:
         res: dict = {"probe": probe, "targets_read_as_concept": {}}
         for name, look in judge.looks.items():
             ims = [Image.open(f).convert("RGB") for f in list_images(concepts / "instances" / name, True)]
-            with torch.no_grad():
-                real = read(judge.probe, images_to_tensor(ims))
-                rt = read(judge.probe, roundtrip(vae, ims))
-            res["targets_read_as_concept"][name] = {
-                "rendered": f"{sum(shows(real, look))}/{len(ims)}", "vae_roundtrip": f"{sum(shows(rt, look))}/{len(ims)}"}
+            hits = target_hits(judge, vae, ims, look)
+            res["targets_read_as_concept"][name] = {k: f"{sum(v)}/{len(ims)}" for k, v in hits.items()}
         for k, (ims, _, sc) in scenes.items():
             with torch.no_grad():
                 res[f"held_out_{k}obj_rendered"] = probe_accuracy(read(judge.probe, images_to_tensor(ims)), sc)

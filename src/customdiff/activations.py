@@ -14,6 +14,7 @@ parameter names, hooks and state dicts are unchanged.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -88,15 +89,13 @@ def _lean_geglu_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any
     return _GeluGateFn.apply(h, gate)
 
 
-_LEAN_GEGLU: dict[type, type] = {}
+@functools.cache
+def _lean_geglu_class() -> type:
+    """diffusers' GEGLU with the leaner product (built on first use: diffusers is imported lazily)."""
+    from diffusers.models.activations import GEGLU
 
-
-def _lean_geglu_class(cls: type) -> type:
-    """A subclass of diffusers' GEGLU (`cls`) with the leaner product."""
-    if cls not in _LEAN_GEGLU:
-        _LEAN_GEGLU[cls] = type("LeanGEGLU", (cls,), {"forward": _lean_geglu_forward,
-                                                       "__doc__": "GEGLU saving no gelu output (activations.py)."})
-    return _LEAN_GEGLU[cls]
+    return type("LeanGEGLU", (GEGLU,), {"forward": _lean_geglu_forward,
+                                        "__doc__": "GEGLU saving no gelu output (activations.py)."})
 
 
 def lean_activations(unet: nn.Module) -> dict[str, int]:
@@ -111,7 +110,7 @@ def lean_activations(unet: nn.Module) -> dict[str, int]:
             mod.__class__ = _LeanConv2d
             counts["conv"] += 1
         elif type(mod) is GEGLU:
-            mod.__class__ = _lean_geglu_class(GEGLU)
+            mod.__class__ = _lean_geglu_class()
             counts["geglu"] += 1
     log.info("leaner backward: %d frozen convolutions keep no input, %d GEGLU keep no gelu output",
              counts["conv"], counts["geglu"])

@@ -142,9 +142,8 @@ def _run(cfg: DemoConfig, entry: Any, names: dict, out: Path, t0: float, progres
     from .evaluate import evaluate
     from .features import ClipFeatures
     from .toy import paths
-    from .toy.fidelity import Judge, leakage, shows
-    from .toy.probe import read
-    from .toy.quality import roundtrip
+    from .toy.fidelity import Judge, leakage
+    from .toy.quality import target_hits
     from .toy.recipes import DEMO_RECIPE, RECIPES, concept_spec
     from .train import train
 
@@ -177,13 +176,11 @@ def _run(cfg: DemoConfig, entry: Any, names: dict, out: Path, t0: float, progres
         im.save(out / "targets" / f"{i:02d}.png")
 
     look = judge.looks[cfg.concept]
-    # the judge's ceiling: how many target photos it reads as the concept, as rendered and as the VAE can
+    # the judge's ceiling: the share of target photos it reads as the concept, as rendered and as the VAE can
     # express them (every sample is a decoded latent), so a perfect learner scores at most the latter
-    def share(hits: list[bool]) -> float:
-        return sum(hits) / len(hits)
-
-    ceiling = {"targets": share(shows(judge.read(photos), look)),
-               "targets_vae_roundtrip": share(shows(read(judge.probe, roundtrip(pipe.vae, photos)), look))}
+    hits = target_hits(judge, pipe.vae, photos, look)
+    ceiling = {"targets": sum(hits["rendered"]) / len(photos),
+               "targets_vae_roundtrip": sum(hits["vae_roundtrip"]) / len(photos)}
     leaks = {}
     for side in ("before", "after"):  # mark the class-prompt samples that show the concept's pattern
         ims = [load_image(out / f"{side}_class" / f"{i:04d}.png") for i in range(min(cfg.n_class, 8))]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .fidelity import images_to_tensor
+from .fidelity import images_to_tensor, shows
 from .probe import Probe, Reading, load_probe, read
 from .world import (
     COLOURS,
@@ -124,6 +124,15 @@ def roundtrip(vae, images: list) -> torch.Tensor:
     from .train_base import roundtrip_all
 
     return images_to_tensor(list(roundtrip_all(vae, np.stack([np.asarray(im.convert("RGB")) for im in images]))))
+
+
+@torch.no_grad()
+def target_hits(judge, vae, photos: list, look) -> dict[str, list[bool]]:
+    """Per target photo, whether the judge reads it as the concept (`fidelity.shows`), as rendered and after a
+    VAE round trip: a learner that redrew the photos exactly would score the round-trip share (the judge's
+    ceiling for the concept)."""
+    return {"rendered": shows(judge.read(photos), look),
+            "vae_roundtrip": shows(read(judge.probe, roundtrip(vae, photos)), look)}
 
 
 @torch.no_grad()
