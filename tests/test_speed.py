@@ -322,6 +322,15 @@ def test_lean_conv_keeps_the_stock_backward_for_a_trained_weight():
         torch.testing.assert_close(p.grad, w)
 
 
+@pytest.mark.parametrize(("mode", "cuda", "checkpointing", "want"), [
+    ("auto", True, False, True), ("auto", False, False, False), ("auto", True, True, False),
+    ("on", False, True, True), ("off", True, False, False)])
+def test_lean_activations_auto_is_a_gpu_without_checkpointing(mode, cuda, checkpointing, want):
+    from customdiff.activations import lean_wanted
+
+    assert lean_wanted(mode, cuda, checkpointing) is want
+
+
 def test_lean_activations_train_the_same_delta(tiny_base, concept_dirs, tmp_path, monkeypatch):
     from customdiff import activations
 

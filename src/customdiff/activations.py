@@ -98,6 +98,15 @@ def _lean_geglu_class() -> type:
                                         "__doc__": "GEGLU saving no gelu output (activations.py)."})
 
 
+def lean_wanted(mode: str, cuda: bool, checkpointing: bool) -> bool:
+    """Whether `--lean-activations MODE` swaps the modules: `auto` means on a GPU without gradient checkpointing.
+
+    On the CPU it costs time and peak memory there is set by loading. Under gradient checkpointing the blocks keep
+    almost nothing anyway, and the H100 trained at 2.50 steps/s with both against 3.71 with checkpointing alone
+    (benchmarks/results/gpu-h100-2026-11-26-session*.jsonl; docs/performance.md)."""
+    return mode == "on" or (mode == "auto" and cuda and not checkpointing)
+
+
 def lean_activations(unet: nn.Module) -> dict[str, int]:
     """Swap `unet`'s frozen Conv2d and its GEGLU modules for the leaner ones in place; how many of each.
 

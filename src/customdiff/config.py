@@ -95,8 +95,8 @@ class TrainConfig:
     log_every: int = opt(10, "read the loss back (progress bar, divergence check, TensorBoard) every N steps; "
                          "each read waits for the GPU", lo=1, resume=False)
     lean_activations: str = opt("auto", "save less for the backward pass: frozen convolutions keep their weight, "
-                                "not their input, and GEGLU recomputes gelu (same values, less memory): auto (on "
-                                "a GPU; on the CPU it costs time and memory there is set by loading), on or off",
+                                "not their input, and GEGLU recomputes gelu (same values, less memory, about a "
+                                "tenth slower on an H100): auto (on a GPU without --gradient-checkpointing), on or off",
                                 choices=["auto", "on", "off"], resume=False)
     channels_last: bool = opt(False, "channels-last memory format for the UNet and VAE (CUDA only)", resume=False)
     cudnn_benchmark: bool = opt(False, "let cuDNN time its kernels for each new shape (CUDA only): slower first step, "

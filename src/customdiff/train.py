@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .activations import lean_activations
+from .activations import lean_activations, lean_wanted
 from .base import base_facts, load_pipeline, trainable_bytes
 from .classimages import default_cache_dir, ensure_class_images
 from .compress import compress_delta
@@ -225,7 +225,7 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     hooks = detach_start_token(unet) if cfg.train in ("crossattn_kv", "crossattn") else []
     if low is not None:
         store_pipeline_frozen(pipe, low, names)
-    if cfg.lean_activations == "on" or (cfg.lean_activations == "auto" and cuda):
+    if lean_wanted(cfg.lean_activations, cuda, cfg.gradient_checkpointing):
         lean_activations(unet)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
