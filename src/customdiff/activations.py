@@ -102,8 +102,8 @@ def lean_wanted(mode: str, cuda: bool, checkpointing: bool) -> bool:
     """Whether `--lean-activations MODE` swaps the modules: `auto` means on a GPU without gradient checkpointing.
 
     On the CPU it costs time and peak memory there is set by loading. Under gradient checkpointing the blocks keep
-    almost nothing anyway, and the H100 trained at 2.50 steps/s with both against 3.71 with checkpointing alone
-    (benchmarks/results/gpu-h100-2026-11-26-session*.jsonl; docs/performance.md)."""
+    almost nothing anyway, and on H100s both together ran at 0.65x the diffusers example's rate, checkpointing
+    alone at 0.84x (two machines; benchmarks/results/gpu-h100-2026-11-26-session*.jsonl, docs/performance.md)."""
     return mode == "on" or (mode == "auto" and cuda and not checkpointing)
 
 
