@@ -26,6 +26,7 @@ read without importing it), else a byte-level vocabulary of the same size (promp
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gzip
 import importlib.util
 import json
@@ -265,6 +266,35 @@ def _rss_gb() -> float:
     return float("nan")
 
 
+PROFILE_WAIT, PROFILE_WARMUP, PROFILE_ACTIVE = 12, 3, 5
+
+
+def kernel_profiler(path: str | None):
+    """A started torch.profiler that records steps 16-20 (CPU and, on a GPU, CUDA), or None without a path."""
+    if not path:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=acts, schedule=schedule(wait=PROFILE_WAIT, warmup=PROFILE_WARMUP,
+                                                       active=PROFILE_ACTIVE, repeat=1))
+    prof.start()
+    return prof
+
+
+def write_kernel_profile(prof, path: str) -> None:
+    """Stop `prof`; write its op table sorted by device time and the per-step wall and kernel totals."""
+    prof.stop()
+    events = prof.key_averages()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    key = f"self_{'device' if dev == 'cuda' else 'cpu'}_time_total"
+    busy = sum(getattr(e, key) for e in events if not e.key.startswith("ProfilerStep")) / PROFILE_ACTIVE / 1e3
+    steps = [e for e in events if e.key.startswith("ProfilerStep")]
+    wall = steps[0].cpu_time_total / steps[0].count / 1e3 if steps else float("nan")
+    head = f"# {PROFILE_ACTIVE} steps profiled; per step: wall {wall:.1f} ms, self {dev} time {busy:.1f} ms\n"
+    Path(path).write_text(head + events.table(sort_by=key, row_limit=60, max_name_column_width=70) + "\n")
+
+
 def child(spec: dict) -> dict:
     """In this process: `customdiff train` with the spec's settings, then `customdiff sample`; the numbers."""
     from customdiff.cli import main as cli
@@ -282,9 +312,23 @@ def child(spec: dict) -> dict:
         """Resident memory after each step (CPU only: the callback reads the loss, a sync on a GPU)."""
         resident.append(_rss_gb())
 
+    callback = None if cuda else after_step
+    prof = kernel_profiler(spec.get("profile"))
+    if prof is not None:
+        def callback(step: int, loss: float) -> None:
+            """Advance the profiler's schedule (reading the loss syncs, as the window needs)."""
+            prof.step()
+    setup = cProfile.Profile() if spec.get("cprofile") else None
     t0 = time.perf_counter()
-    train(cfg, [concept], progress=False, timings=timings, callback=None if cuda else after_step)
+    if setup is not None:
+        setup.enable()
+    train(cfg, [concept], progress=False, timings=timings, callback=callback)
     trained = time.perf_counter()
+    if setup is not None:
+        setup.disable()
+        setup.dump_stats(spec["cprofile"])
+    if prof is not None:
+        write_kernel_profile(prof, spec["profile"])
     whole = trained - t0
     if cuda:
         peak, kind = torch.cuda.max_memory_allocated() / 2**30, "cuda_max_allocated"
@@ -304,16 +348,27 @@ def child(spec: dict) -> dict:
 # scaler then skips the optimizer) and printing at exit the steady rate after the first step, as a customdiff run
 # counts it, and torch's allocated peak.
 EXAMPLE_WRAPPER = """
-import atexit, json, runpy, sys, time
+import atexit, json, os, runpy, sys, time
 import torch
 stamps = []
 backward = torch.Tensor.backward
+prof = None
+if os.environ.get("REALSCALE_PROFILE"):
+    sys.path.insert(0, os.environ["REALSCALE_DIR"])
+    import realscale
+    prof = realscale.kernel_profiler(os.environ["REALSCALE_PROFILE"])
 def timed(self, *args, **kwargs):
     out = backward(self, *args, **kwargs)
     stamps.append(time.perf_counter())
+    if prof is not None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        prof.step()
     return out
 torch.Tensor.backward = timed
 def report():
+    if prof is not None and len(stamps) > realscale.PROFILE_WAIT + realscale.PROFILE_WARMUP + realscale.PROFILE_ACTIVE:
+        realscale.write_kernel_profile(prof, os.environ["REALSCALE_PROFILE"])
     steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     print("EXAMPLE " + json.dumps({"steps_timed": len(stamps), "steady_steps_per_s": steady, "peak_gb": peak,
@@ -344,8 +399,11 @@ def run_example(script: str, a: argparse.Namespace, base: Path, photos: Path, cl
     shown = [sys.executable, *cmd[3:]]
     print("$ " + " ".join(f"'{c}'" if " " in c or "<" in c else c for c in shown), flush=True)
     t0 = time.perf_counter()
+    env = {**os.environ, "REALSCALE_DIR": str(Path(__file__).resolve().parent)}
+    if a.profile:
+        env["REALSCALE_PROFILE"] = str(Path(a.profile).resolve())
     with GpuPeak() as gpu:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     sys.stdout.write(proc.stdout)
     whole = time.perf_counter() - t0  # the example's whole process: its whole run and its process time alike
     found = [json.loads(x[8:]) for x in proc.stdout.splitlines() if x.startswith("EXAMPLE ")]
@@ -377,7 +435,9 @@ def bench(a: argparse.Namespace) -> dict:
                   "prefetch": a.prefetch, "lean_activations": a.lean_activations, "compile": a.compile,
                   "channels_last": a.channels_last, "cudnn_benchmark": a.cudnn_benchmark, "log_every": a.log_every}
         spec = {"config": config, "photos": str(photos), "class": str(classes), "sample_steps": a.sample_steps,
-                "samples": str(run_dir / "samples")}
+                "samples": str(run_dir / "samples"),
+                "profile": str(Path(a.profile).resolve()) if a.profile else None,
+                "cprofile": str(Path(a.cprofile).resolve()) if a.cprofile else None}
         print("$ customdiff train --base {base} --concept {photos} --reg-dir {classes} --instance-prompt '{ip}' "
               "--class-prompt '{cp}' --steps {steps} --batch-size {b} --resolution {r} --mixed-precision {mp}{gc} "
               "--out {out}".format(base=base, photos=photos, classes=classes, ip=INSTANCE_PROMPT, cp=CLASS_PROMPT,
@@ -428,6 +488,10 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--cudnn-benchmark", action="store_true")
     g.add_argument("--example", metavar="SCRIPT", help="run diffusers' train_custom_diffusion.py instead")
     g.add_argument("--json", metavar="FILE", help="append the numbers as a JSON line")
+    g.add_argument("--profile", metavar="FILE", help="write a torch.profiler op table of 5 steady steps (16-20; "
+                   "reading each step's loss syncs the device, so the run's own rate is not a benchmark)")
+    g.add_argument("--cprofile", metavar="FILE", help="write a cProfile of the whole train() call (its setup: "
+                   "imports, loading, checks); not with the example")
     g.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:

@@ -200,7 +200,7 @@ def test_timings_are_reported(tiny_base, concept_dirs, tmp_path):
     assert timings["steps_per_s"] > 0 and 0 <= timings["data_wait_share"] < 1
 
 
-def test_vae_encodes_one_image_at_a_time_with_the_batch_result(tiny_base):
+def test_vae_encodes_one_by_one_or_all_at_once_with_the_same_result(tiny_base):
     m, _ = _tiny_model(tiny_base, cache=False)
     pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     seen = []
@@ -208,9 +208,21 @@ def test_vae_encodes_one_image_at_a_time_with_the_batch_result(tiny_base):
     sliced = m._moments(pixels)
     hook.remove()
     assert seen == [1, 1, 1]  # the activations of one image at a time, never the batch's
-    with torch.no_grad():
-        batched = m.vae.encode(pixels).latent_dist.parameters
+    m.vae_batch = True
+    seen.clear()
+    hook = m.vae.encoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    batched = m._moments(pixels)
+    hook.remove()
+    assert seen == [3]  # one call for the batch (what a GPU step uses)
     torch.testing.assert_close(sliced, batched, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("cuda", "checkpointing", "want"), [(True, False, True), (True, True, False),
+                                                              (False, False, False), (False, True, False)])
+def test_vae_encodes_the_batch_at_once_on_a_gpu_without_checkpointing(cuda, checkpointing, want):
+    from customdiff.model import vae_batch_wanted
+
+    assert vae_batch_wanted(cuda, checkpointing) is want
 
 
 @pytest.mark.parametrize("owned", [False, True])
@@ -320,6 +332,27 @@ def test_lean_conv_keeps_the_stock_backward_for_a_trained_weight():
     net(x).sum().backward()  # the weight trains: its gradient comes from the stock backward
     for p, w in zip(net.parameters(), want, strict=True):
         torch.testing.assert_close(p.grad, w)
+
+
+@pytest.mark.parametrize(("stride", "padding", "dilation", "groups", "size"), [
+    (1, 1, 1, 1, (8, 8)), (2, 1, 1, 1, (7, 9)), (2, 0, 1, 2, (8, 11)), ((2, 1), (1, 2), (2, 1), 1, (9, 6)),
+    (3, 1, 1, 4, (10, 10))])
+def test_lean_conv_input_gradient_matches_the_stock_one(stride, padding, dilation, groups, size):
+    from customdiff.activations import lean_activations
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    conv.requires_grad_(False)
+    x = torch.randn(2, 4, *size, dtype=torch.float64, requires_grad=True)
+    conv = conv.double()
+    up = torch.randn_like(conv(x))
+    (conv(x) * up).sum().backward()
+    want, x.grad = x.grad.clone(), None
+    assert lean_activations(conv) == {"conv": 1, "geglu": 0}
+    out = conv(x)
+    assert out.grad_fn is not None and "FrozenConv" in type(out.grad_fn).__name__
+    (out * up).sum().backward()  # odd sizes under a stride: the rows a strided convolution drops come back
+    torch.testing.assert_close(x.grad, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(("mode", "cuda", "checkpointing", "want"), [

@@ -25,45 +25,46 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
 class _FrozenConvFn(torch.autograd.Function):
-    """conv2d whose backward gives the input's gradient only, from the saved weight (not the input)."""
+    """conv2d whose backward gives the input's gradient only, from the saved weight (not the input).
+
+    The convolution runs under the caller's autocast state, so it casts exactly as a stock conv2d would; the
+    backward pass computes in the dtype the forward ran in and returns the gradient in the input's dtype."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Any,
                 padding: Any, dilation: Any, groups: int) -> torch.Tensor:
+        out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         ctx.meta = (x.shape, x.dtype, stride, padding, dilation, groups)
         ctx.save_for_backward(weight)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None, None
         (weight,) = ctx.saved_tensors
         shape, dtype, stride, padding, dilation, groups = ctx.meta
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.nn.grad.conv2d_input(shape, weight, grad.to(weight.dtype), stride, padding, dilation,
-                                            groups).to(dtype)
-        return gx, None, None, None, None, None, None
+        if weight.dtype != grad.dtype:
+            weight = weight.to(grad.dtype)
+        # the input's gradient is the transposed convolution of the output's gradient (cuDNN runs both with the
+        # same backward-data kernel); output_padding restores the rows a strided convolution dropped. Unlike
+        # aten.convolution_backward it needs no input tensor: that one makes a full-size contiguous input from
+        # an expanded placeholder on every call (a copy per convolution, measured in benchmarks/step_overhead.py)
+        extra = tuple(shape[2 + i] - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                                      + dilation[i] * (weight.shape[2 + i] - 1) + 1) for i in range(2))
+        gx = F.conv_transpose2d(grad, weight, None, stride, padding, extra, groups, dilation)
+        return gx if gx.dtype == dtype else gx.to(dtype), None, None, None, None, None, None
 
 
 class _LeanConv2d(nn.Conv2d):
     """A Conv2d that, while its weight is frozen, saves only the weight for the backward pass."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad) \
-                or not torch.is_grad_enabled():
-            return super().forward(x)
         weight, bias = self.weight, self.bias
-        low = _autocast_dtype(x.device.type)
-        if low is not None:  # what autocast would do for conv2d: everything in its low dtype
-            x, weight = x.to(low), weight.to(low)
-            bias = None if bias is None else bias.to(low)
-        with torch.autocast(x.device.type, enabled=False):
-            return _FrozenConvFn.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        if weight.requires_grad or (bias is not None and bias.requires_grad) or not torch.is_grad_enabled():
+            return super().forward(x)
+        return _FrozenConvFn.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class _GeluGateFn(torch.autograd.Function):
