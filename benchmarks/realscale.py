@@ -288,10 +288,14 @@ def write_kernel_profile(prof, path: str) -> None:
     events = prof.key_averages()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     key = f"self_{'device' if dev == 'cuda' else 'cpu'}_time_total"
-    busy = sum(getattr(e, key) for e in events if not e.key.startswith("ProfilerStep")) / PROFILE_ACTIVE / 1e3
+    # kernels only: an operator's self device time is its kernels' time, listed again under the kernels' names
+    kind = torch.autograd.DeviceType.CUDA if dev == "cuda" else torch.autograd.DeviceType.CPU
+    busy = sum(getattr(e, key) for e in events if e.device_type == kind and not e.key.startswith("ProfilerStep")
+               ) / PROFILE_ACTIVE / 1e3
     steps = [e for e in events if e.key.startswith("ProfilerStep")]
     wall = steps[0].cpu_time_total / steps[0].count / 1e3 if steps else float("nan")
-    head = f"# {PROFILE_ACTIVE} steps profiled; per step: wall {wall:.1f} ms, self {dev} time {busy:.1f} ms\n"
+    what = "kernel time on the GPU" if dev == "cuda" else "operators' self CPU time"
+    head = f"# {PROFILE_ACTIVE} steps profiled; per step: wall {wall:.1f} ms, {what} {busy:.1f} ms\n"
     Path(path).write_text(head + events.table(sort_by=key, row_limit=60, max_name_column_width=70) + "\n")
 
 

@@ -43,3 +43,24 @@ def test_quick_build_end_to_end_resumable_and_deterministic(tmp_path: Path, rest
 
     main([*args, "--stages", "data", "--redo", "data"])  # new images: the probe's round trips are made again
     assert not (work / "judge_roundtrip.npy").exists()
+
+
+@pytest.mark.parametrize(("setting", "message"), [("unet_lr=fast", "takes a number"),
+                                                  ("unet_steps=2.5", "takes a whole number"),
+                                                  ("no_such=1", "unknown build setting")])
+def test_a_bad_build_setting_stops_before_any_work(tmp_path: Path, restore_threads, capsys, setting, message):
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--work", str(work), "--out", str(tmp_path / "assets"), "--set", setting])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not work.exists()  # nothing written
+
+
+def test_build_settings_keep_their_types(tmp_path: Path, restore_threads, monkeypatch):
+    from customdiff.toy import build
+
+    seen = {}
+    monkeypatch.setattr(build.Builder, "run", lambda self, stages: seen.update(cfg=self.cfg))
+    main(["--quick", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "a"), "--set", "unet_lr=2e-3",
+          "--set", "unet_steps=30"])
+    assert seen["cfg"].unet_lr == 2e-3 and isinstance(seen["cfg"].unet_lr, float) and seen["cfg"].unet_steps == 30

@@ -34,6 +34,7 @@ class BuildConfig:
     n_images: int = 40000
     vae_steps: int = 600
     unet_steps: int = 16000
+    unet_lr: float = 1e-3  # peak of the UNet stage's cosine schedule
     clip_steps: int = 4000
     probe_steps: int = 6000
     n_class_images: int = 200
@@ -115,7 +116,7 @@ class Builder:
         empty = tokenize(self.tokenizer, [""])[0]
         te = text_encoder_from_clip(CLIPModel.from_pretrained(self.work / "clip_final"))
         unet, te, losses = train_unet_text(lat["mean"].float(), lat["scaling"], ids, empty, te,
-                                           self.work / "unet.pt", self.cfg.unet_steps)
+                                           self.work / "unet.pt", self.cfg.unet_steps, lr=self.cfg.unet_lr)
         unet.save_pretrained(self.work / "unet_final")
         te.save_pretrained(self.work / "te_final")
         self._note("unet+text", {"final_loss": float(np.mean(losses[-100:])), "first_loss": losses[0]})
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stages", default=",".join(STAGES),
                    help="comma-separated stages to run (default: all; see the module docstring for two cores)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=N",
-                   help="override a BuildConfig size, e.g. --set unet_steps=2000")
+                   help="override a BuildConfig setting, e.g. --set unet_steps=2000 or --set unet_lr=2e-3")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -258,7 +259,11 @@ def main(argv: list[str] | None = None) -> None:
         key, value = item.split("=", 1)
         if not hasattr(cfg, key):
             p.error(f"unknown build setting {key!r}")
-        setattr(cfg, key, int(value))
+        try:
+            setattr(cfg, key, type(getattr(cfg, key))(value))
+        except ValueError:
+            kind = "a whole number" if isinstance(getattr(cfg, key), int) else "a number"
+            p.error(f"build setting {key!r} takes {kind}, not {value!r}")
     stages = tuple(args.stages.split(","))
     if unknown := set(stages) - set(STAGES):
         p.error(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
