@@ -4,7 +4,7 @@
 # the same data and settings. Every run appends one JSON line to $OUT; see docs/performance.md.
 #
 #   bash benchmarks/gpu_table.sh            # everything (about 25 minutes on an H100)
-#   bash benchmarks/gpu_table.sh sd15       # one group: sd15 | levers | example | sd21 | sdxl | core
+#   bash benchmarks/gpu_table.sh sd15       # one group: sd15 | levers | example | sd21 | sdxl | core | profile
 #   STEPS=150 DIFFUSERS_EXAMPLE=... bash benchmarks/gpu_table.sh core   # one 10-minute device call: the
 #                                           # example, the defaults, lean activations off, checkpointing
 set -euo pipefail
@@ -45,12 +45,20 @@ for g in $groups; do
       run "${sd15[@]}" --mixed-precision fp16
       run "${sd15[@]}" --mixed-precision fp16 --lean-activations off
       run "${sd15[@]}" --mixed-precision fp16 --gradient-checkpointing ;;
+    profile)  # where a step's time goes: host-side floor, then torch.profiler tables next to $OUT
+      "$PY" benchmarks/step_overhead.py --device cuda
+      dir=$(dirname "$OUT")
+      run "${sd15[@]}" --mixed-precision fp16 --profile "$dir/profile-customdiff.txt" --label profile
+      if [ -n "${DIFFUSERS_EXAMPLE:-}" ]; then
+        run "${sd15[@]}" --mixed-precision fp16 --example "$DIFFUSERS_EXAMPLE" --profile "$dir/profile-example.txt" \
+          --label profile
+      fi ;;
     sd21)
       run --arch sd21 --resolution 768 --batch-size 8 --train-steps "$STEPS" --mixed-precision fp16 ;;
     sdxl)
       run --arch sdxl --resolution 1024 --batch-size 2 --train-steps "$STEPS" --mixed-precision fp16
       run --arch sdxl --resolution 1024 --batch-size 2 --train-steps "$STEPS" --mixed-precision bf16 ;;
-    *) echo "unknown group $g (sd15 | levers | example | sd21 | sdxl | core)" >&2; exit 2 ;;
+    *) echo "unknown group $g (sd15 | levers | example | sd21 | sdxl | core | profile)" >&2; exit 2 ;;
   esac
 done
 echo "results in $OUT"
