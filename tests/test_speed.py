@@ -208,21 +208,21 @@ def test_vae_encodes_one_by_one_or_all_at_once_with_the_same_result(tiny_base):
     sliced = m._moments(pixels)
     hook.remove()
     assert seen == [1, 1, 1]  # the activations of one image at a time, never the batch's
-    m.vae_batch = True
+    m.vae_call_pixels = 2 * 32 * 32 + 100  # two images per call, as a GPU step does with 4 at 512 px
     seen.clear()
     hook = m.vae.encoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
     batched = m._moments(pixels)
     hook.remove()
-    assert seen == [3]  # one call for the batch (what a GPU step uses)
+    assert seen == [2, 1]
     torch.testing.assert_close(sliced, batched, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("cuda", "checkpointing", "want"), [(True, False, True), (True, True, False),
-                                                              (False, False, False), (False, True, False)])
-def test_vae_encodes_the_batch_at_once_on_a_gpu_without_checkpointing(cuda, checkpointing, want):
-    from customdiff.model import vae_batch_wanted
+@pytest.mark.parametrize(("cuda", "checkpointing", "want"), [(True, False, 4), (True, True, 0),
+                                                              (False, False, 0), (False, True, 0)])
+def test_vae_encodes_up_to_four_512px_images_per_call_on_a_gpu_without_checkpointing(cuda, checkpointing, want):
+    from customdiff.model import vae_call_pixels
 
-    assert vae_batch_wanted(cuda, checkpointing) is want
+    assert vae_call_pixels(cuda, checkpointing) // (512 * 512) == want
 
 
 @pytest.mark.parametrize("owned", [False, True])

@@ -16,16 +16,21 @@ from .tokens import TokenRows
 CACHE_BYTES = 512 * 2**20
 
 
-def vae_batch_wanted(cuda: bool, checkpointing: bool) -> bool:
-    """Whether training encodes a batch's photos in one VAE call: on a GPU without gradient checkpointing.
+VAE_CALL_PIXELS = 4 * 512 * 512  # images per VAE call on a GPU: as many as fit in 4 at 512 px
+
+
+def vae_call_pixels(cuda: bool, checkpointing: bool) -> int:
+    """How many pixels training encodes per VAE call: 4 images at 512 px on a GPU without gradient
+    checkpointing, else 0 (one image per call).
 
     An H100 step of SD 1.5 (512 px, batch 8) keeps the GPU busy about half its wall time: the host's operator
     calls bound it (docs/performance.md), and one call for 4 photos makes 580 operator calls against 2,598. The
-    encoder's activations are freed before the UNet runs, so they should stay under the step's peak without
-    checkpointing (about 2.6 GiB of weights + 2.5 GiB against 6.9 GiB at SD 1.5, 512 px, batch 8; projected, not
-    measured on a GPU); with checkpointing (a 3.8-4.2 GiB peak) they would set it, and on the CPU peak RSS is
-    the measure."""
-    return cuda and not checkpointing
+    cap keeps the encoder's activations at what 4 photos at 512 px take in float32 (2.5 GiB; one at a time
+    0.8 GiB), also on the first step, which encodes the class images too, and with `--no-cache`. They are freed
+    before the UNet runs, so without checkpointing they should stay under the step's peak (about 2.6 GiB of
+    weights + 2.5 GiB against 6.9 GiB at SD 1.5, 512 px, batch 8; projected, not measured on a GPU). With
+    checkpointing (a 3.8-4.2 GiB peak) they would set it, and on the CPU peak RSS is the measure."""
+    return VAE_CALL_PIXELS if cuda and not checkpointing else 0
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -53,16 +58,16 @@ class CustomDiffusion(nn.Module):
 
     The VAE encodes the photos one at a time by default: the encoder's full-resolution activations are the
     largest tensors of a step (SD 1.5, 4 images at 512 px in float32: 2.5 GiB at once, 0.8 GiB one by one;
-    benchmarks/vae_memory.py). `vae_batch=True` encodes them all at once, with a quarter of the operator calls
-    for 4 photos (benchmarks/step_overhead.py): what pays where the host's calls bound the step (a GPU) and
-    memory is not the priority (see `vae_batch_wanted`).
+    benchmarks/vae_memory.py). `vae_call_pixels=N` encodes as many images per call as fit in N pixels, with a
+    quarter of the operator calls for 4 photos in one call (benchmarks/step_overhead.py): what pays where the
+    host's calls bound the step (a GPU) and memory is not the priority (see `vae_call_pixels`).
     """
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, scheduler,
                  token_rows: TokenRows | None = None, text_encoder_2: nn.Module | None = None,
-                 token_rows_2: TokenRows | None = None, cache: bool = False, vae_batch: bool = False):
+                 token_rows_2: TokenRows | None = None, cache: bool = False, vae_call_pixels: int = 0):
         super().__init__()
-        self.vae_batch = vae_batch
+        self.vae_call_pixels = vae_call_pixels
         self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
         self.text_encoder_2 = text_encoder_2
         self.token_rows, self.token_rows_2 = token_rows, token_rows_2
@@ -128,11 +133,10 @@ class CustomDiffusion(nn.Module):
         """The VAE posterior's parameters (B, 2 * 4, h, w): mean and log-variance."""
         # a float32 VAE that asks for upcasting (SDXL's overflows in float16) encodes outside fp16 autocast
         upcast = self.vae.dtype == torch.float32 and getattr(self.vae.config, "force_upcast", False)
+        per_call = max(1, self.vae_call_pixels // (pixels.shape[-2] * pixels.shape[-1]))
         with torch.autocast(pixels.device.type, enabled=False) if upcast else nullcontext():
-            if self.vae_batch:
-                return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
-            return torch.cat([self.vae.encode(one.to(self.vae.dtype)).latent_dist.parameters
-                              for one in pixels.split(1)])
+            return torch.cat([self.vae.encode(part.to(self.vae.dtype)).latent_dist.parameters
+                              for part in pixels.split(per_call)])
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None,

@@ -25,7 +25,7 @@ from .config import TrainConfig
 from .data import ConceptSpec, TrainData, prefetch, validate_concepts
 from .delta import Delta, atomic_save, base_fingerprint, check_finite, read_metadata, read_tensors, save_delta
 from .errors import UserError
-from .model import CustomDiffusion, vae_batch_wanted
+from .model import CustomDiffusion, vae_call_pixels
 from .outputs import make_dirs
 from .precision import frozen_dtype, read_kept, restore_kept, store_pipeline_frozen
 from .surgery import detach_start_token, freeze_except, trainable_names
@@ -238,7 +238,7 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     if cfg.compile:
         unet.compile()  # in place: parameter names, hooks and the delta's keys stay as they are
     model = CustomDiffusion(unet, text_encoder, vae, pipe.scheduler, token_rows, text_encoder_2, token_rows_2,
-                            cache=cfg.cache, vae_batch=vae_batch_wanted(cuda, cfg.gradient_checkpointing)
+                            cache=cfg.cache, vae_call_pixels=vae_call_pixels(cuda, cfg.gradient_checkpointing)
                             ).to(accelerator.device)
     model.train()
     params = {**trainable, **{f"<{prefix}>": r.rows for prefix, r in rows_by_side.items()}}
