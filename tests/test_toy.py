@@ -236,3 +236,24 @@ def test_recipes_are_valid_train_configs_with_one_token_rate():
         cfg = TrainConfig(**r.train_kwargs(out="d.safetensors", seed=3))
         cfg.validate()
         assert cfg.seed == 3 and cfg.learning_rate * cfg.token_lr_scale == pytest.approx(TOKEN_RATE)
+
+
+def test_balanced_pattern_test_weighs_every_pattern_alike():
+    from customdiff.toy.probe import Reading
+    from customdiff.toy.quality import pattern_balanced, pattern_confusion
+    from customdiff.toy.world import PATTERNS, Look
+
+    caps, scenes = pattern_balanced(3, pool=400)
+    patterns = [sc.objects[0].look.pattern for sc in scenes]
+    assert sorted(set(patterns)) == sorted(p for p in PATTERNS if p != "plain")
+    assert all(patterns.count(p) == 3 for p in set(patterns))
+    assert all(PATTERNS[p].split()[-1] in c.split() for p, c in zip(patterns, caps, strict=True))  # named
+
+    right = [Reading(sc.setting, [sc.objects[0].look]) for sc in scenes]
+    wrong = Reading(scenes[0].setting, [Look(scenes[0].objects[0].look.shape, "red", "plain")])
+    conf = pattern_confusion([wrong, *right[1:]], scenes)
+    first = patterns[0]
+    assert conf[first] == {first: 2, "plain": 1}
+    assert sum(sum(row.values()) for row in conf.values()) == len(scenes)
+    with pytest.raises(ValueError, match="too few name"):
+        pattern_balanced(50, pool=100)

@@ -28,6 +28,8 @@ def test_quick_build_end_to_end_resumable_and_deterministic(tmp_path: Path, rest
     for key in ("probe_real_1obj", "probe_vae_roundtrip_1obj", "probe_vae_roundtrip_2obj",
                 "base_prompt_following_1obj", "clip_zero_shot_real_1obj"):
         assert 0 <= quality[key]["shape"] <= 1, key
+    balanced = quality["base_pattern_following_balanced"]  # 2 captions for each of the 6 patterns
+    assert sum(sum(row.values()) for row in balanced["confusion"].values()) == 12
     assert (work / "judge.npz").is_file() and (out / "base" / "model_index.json").is_file()
     assert (work / "judge_roundtrip.npy").is_file()  # kept for a resumed probe stage
     probe = (out / "probe.safetensors").read_bytes()

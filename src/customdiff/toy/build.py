@@ -35,16 +35,18 @@ class BuildConfig:
     vae_steps: int = 600
     unet_steps: int = 16000
     unet_lr: float = 1e-3  # peak of the UNet stage's cosine schedule
+    unet_batch: int = 32
     clip_steps: int = 4000
     probe_steps: int = 6000
     n_class_images: int = 200
     n_eval: int = 200
+    n_per_pattern: int = 24  # captions per pattern in the quality stage's balanced pattern test
 
     @classmethod
     def quick(cls) -> BuildConfig:
         """A few steps per stage."""
         return cls(n_images=600, vae_steps=10, unet_steps=10, clip_steps=10, probe_steps=10, n_class_images=4,
-                   n_eval=10)
+                   n_eval=10, n_per_pattern=2)
 
 
 class Builder:
@@ -116,7 +118,8 @@ class Builder:
         empty = tokenize(self.tokenizer, [""])[0]
         te = text_encoder_from_clip(CLIPModel.from_pretrained(self.work / "clip_final"))
         unet, te, losses = train_unet_text(lat["mean"].float(), lat["scaling"], ids, empty, te,
-                                           self.work / "unet.pt", self.cfg.unet_steps, lr=self.cfg.unet_lr)
+                                           self.work / "unet.pt", self.cfg.unet_steps, batch=self.cfg.unet_batch,
+                                           lr=self.cfg.unet_lr)
         unet.save_pretrained(self.work / "unet_final")
         te.save_pretrained(self.work / "te_final")
         self._note("unet+text", {"final_loss": float(np.mean(losses[-100:])), "first_loss": losses[0]})
@@ -187,7 +190,7 @@ class Builder:
         from .quality import evaluate
 
         res = evaluate(self.out / "base", self.out / "clip", self.out / "probe.safetensors", self.cfg.n_eval,
-                       samples_png=self.work / "samples.png")
+                       samples_png=self.work / "samples.png", per_pattern=self.cfg.n_per_pattern)
         self._note("quality", res)
 
     # -------------------------------------------------------------------------------------- notes
