@@ -20,10 +20,12 @@ def restore_threads():
 
 def test_quick_build_end_to_end_resumable_and_deterministic(tmp_path: Path, restore_threads, caplog):
     work, out = tmp_path / "work", tmp_path / "assets"
-    args = ["--quick", "--work", str(work), "--out", str(out), "--threads", "1"]
-    main(args)
+    # --set reaches the second lane too: the probe redone below in this process must give the same bytes
+    args = ["--quick", "--work", str(work), "--out", str(out), "--threads", "1", "--set", "probe_steps=12"]
+    main(args)  # two lanes (the default): the probe trains in a second process
+    assert "stage probe: done" in (work / "probe_lane.log").read_text()
     report = json.loads((out / "build_report.json").read_text())
-    assert set(report["stage_seconds"]) == set(STAGES)
+    assert set(report["stage_seconds"]) == set(STAGES) and report["run_wall_seconds"] > 0
     quality = report["quality"]
     for key in ("probe_real_1obj", "probe_vae_roundtrip_1obj", "probe_vae_roundtrip_2obj",
                 "base_prompt_following_1obj", "clip_zero_shot_real_1obj"):
@@ -39,7 +41,7 @@ def test_quick_build_end_to_end_resumable_and_deterministic(tmp_path: Path, rest
         main(args)  # everything is done: nothing reruns
     assert sum("already done" in r.getMessage() for r in caplog.records) == len(STAGES)
 
-    (work / "probe.pt").unlink()  # a stage trained again from scratch gives the same weights
+    (work / "probe.pt").unlink()  # trained again from scratch in this process: the second lane's weights
     main([*args, "--stages", "probe", "--redo", "probe"])
     assert (out / "probe.safetensors").read_bytes() == probe
 
@@ -63,6 +65,6 @@ def test_build_settings_keep_their_types(tmp_path: Path, restore_threads, monkey
 
     seen = {}
     monkeypatch.setattr(build.Builder, "run", lambda self, stages: seen.update(cfg=self.cfg))
-    main(["--quick", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "a"), "--set", "unet_lr=2e-3",
+    main(["--quick", "--lanes", "1", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "a"), "--set", "unet_lr=2e-3",
           "--set", "unet_steps=30"])
     assert seen["cfg"].unet_lr == 2e-3 and isinstance(seen["cfg"].unet_lr, float) and seen["cfg"].unet_steps == 30

@@ -4,9 +4,9 @@ Stages (each checkpointed under the work dir; a rerun skips finished stages and 
 data -> vae -> clip -> unet+text -> probe -> concepts -> export (fp16 assets) -> quality.
 The base's text encoder starts from the CLIP's text tower, so the unet stage waits for clip; the probe learns
 from its own draw of the world (every combination, the personal ones included) and from the VAE's round trips
-of those images, so it waits for vae. On two cores: `--stages data,vae,clip
---threads 1` in one process and `--stages probe --threads 1` in another (it waits for vae); then
-`--stages unet --threads 2`, and a plain run finishes the rest.
+of those images, so it waits for vae. A full build on two cores runs in two lanes (`--lanes 2`, the
+default): data, vae and clip at 1 thread in this process while a second process trains the probe at 1 thread;
+then the unet stage at `--threads`, and the rest once the probe lane has finished.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,6 +56,7 @@ class Builder:
 
     def __init__(self, out: Path, work: Path, cfg: BuildConfig):
         self.out, self.work, self.cfg = out, work, cfg
+        self.t_start = time.time()
         (work / "notes").mkdir(parents=True, exist_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         from .tokenizer import make_tokenizer
@@ -235,9 +238,38 @@ class Builder:
             return
         notes = {p.stem: json.loads(p.read_text()) for p in sorted((self.work / "notes").glob("*.json"))}
         times = {n: float((self.work / f"{n}.done").read_text()) for n in STAGES}
-        report = {"config": asdict(self.cfg), "stage_seconds": times, **notes}
+        # the wall time of this invocation only: a resumed build's earlier runs are not in it
+        report = {"config": asdict(self.cfg), "stage_seconds": times,
+                  "run_wall_seconds": round(time.time() - self.t_start, 1), **notes}
         (self.out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
         log.info("build finished: %s", json.dumps(report))
+
+
+def run_two_lanes(builder: Builder, child_args: list[str], threads: int) -> None:
+    """Every stage, with the probe in a second 1-thread process beside data, vae and clip (1 thread here).
+
+    The UNet then trains at `threads`. Each stage runs at the thread count of a one-lane build with
+    `--threads 1` except the UNet, so a two-lane build gives the same files as that build when `threads` is 1.
+    """
+    t0 = time.time()
+    lane_log = builder.work / "probe_lane.log"
+    cmd = [sys.executable, "-m", "customdiff.toy.build", *child_args, "--stages", "probe", "--threads", "1",
+           "--lanes", "1"]
+    log.info("probe stage: second process, log in %s", lane_log)
+    with open(lane_log, "w") as fh:
+        child = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        torch.set_num_threads(1)
+        builder.run(("data", "vae", "clip"))
+        torch.set_num_threads(threads)
+        builder.run(("unet",))
+        if child.wait() != 0:
+            raise SystemExit(f"the probe stage failed (exit {child.returncode}): see {lane_log}")
+        builder.run(STAGES[STAGES.index("probe"):])
+    finally:
+        if child.poll() is None:
+            child.terminate()
+    log.info("two-lane build: %.0f s in this run", time.time() - t0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -246,7 +278,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ASSETS, help="assets folder to write (default: the shipped one)")
     p.add_argument("--work", type=Path, default=None, help="checkpoint folder (default .toy_build[_quick])")
     p.add_argument("--quick", action="store_true", help="a few steps per stage, to check the pipeline")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="threads of the unet stage (and of every stage with "
+                   "--lanes 1)")
+    p.add_argument("--lanes", type=int, choices=(1, 2), default=2,
+                   help="a full build runs the probe in a second 1-thread process beside data, vae and clip "
+                   "(default 2); 1: every stage in turn in this process")
     p.add_argument("--redo", choices=STAGES, help="rerun this stage and all later ones; with --set *_steps=N "
                    "a training stage continues from its checkpoint to the new step count")
     p.add_argument("--stages", default=",".join(STAGES),
@@ -273,7 +309,12 @@ def main(argv: list[str] | None = None) -> None:
     builder = Builder(args.out.resolve(), work.resolve(), cfg)
     if args.redo:
         builder.redo(args.redo)
-    builder.run(stages)
+    if args.lanes == 2 and stages == STAGES:
+        child = ["--work", str(builder.work), "--out", str(builder.out), *(["--quick"] if args.quick else []),
+                 *[a for item in args.set for a in ("--set", item)]]
+        run_two_lanes(builder, child, args.threads)
+    else:
+        builder.run(stages)
 
 
 if __name__ == "__main__":

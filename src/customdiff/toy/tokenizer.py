@@ -79,8 +79,14 @@ def write_tokenizer_files(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_vocab()
-    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    files = {"vocab.json": json.dumps(vocab, ensure_ascii=False), "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n"}
+    for name, text in files.items():
+        path = out / name
+        # unchanged files stay untouched: a second build process (the probe lane) may be reading them
+        if not path.exists() or path.read_text() != text:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
     return out
 
 
