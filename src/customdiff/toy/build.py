@@ -249,7 +249,8 @@ def run_two_lanes(builder: Builder, child_args: list[str], threads: int) -> None
     """Every stage, with the probe in a second 1-thread process beside data, vae and clip (1 thread here).
 
     The UNet then trains at `threads`. Each stage runs at the thread count of a one-lane build with
-    `--threads 1` except the UNet, so a two-lane build gives the same files as that build when `threads` is 1.
+    `--threads 1` except the UNet, so with `threads` 1 both builds should give the same files (the quick-build
+    test checks the probe's).
     """
     t0 = time.time()
     lane_log = builder.work / "probe_lane.log"
