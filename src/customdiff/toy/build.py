@@ -252,7 +252,6 @@ def run_two_lanes(builder: Builder, child_args: list[str], threads: int) -> None
     `--threads 1` except the UNet, so with `threads` 1 both builds should give the same files (the quick-build
     test checks the probe's).
     """
-    t0 = time.time()
     lane_log = builder.work / "probe_lane.log"
     cmd = [sys.executable, "-m", "customdiff.toy.build", *child_args, "--stages", "probe", "--threads", "1",
            "--lanes", "1"]
@@ -270,7 +269,6 @@ def run_two_lanes(builder: Builder, child_args: list[str], threads: int) -> None
     finally:
         if child.poll() is None:
             child.terminate()
-    log.info("two-lane build: %.0f s in this run", time.time() - t0)
 
 
 def main(argv: list[str] | None = None) -> None:

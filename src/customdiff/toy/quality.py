@@ -35,10 +35,15 @@ HELD_OUT_SEED = 20231  # never used for training data (those use seeds 0..9)
 ATTRIBUTES = ("shape", "colour", "pattern", "pattern_colour", "setting")
 
 
+def held_out_scenes(n: int, n_objects: int, seed: int = HELD_OUT_SEED) -> list[Scene]:
+    """n fresh scenes with a fixed number of objects (not drawn)."""
+    rng = np.random.default_rng(seed + n_objects)
+    return [sample_scene(rng, n_objects=n_objects) for _ in range(n)]
+
+
 def held_out(n: int, n_objects: int, seed: int = HELD_OUT_SEED) -> tuple[list, list[str], list[Scene]]:
     """n fresh scenes with a fixed number of objects: PIL images, captions, scenes."""
-    rng = np.random.default_rng(seed + n_objects)
-    scenes = [sample_scene(rng, n_objects=n_objects) for _ in range(n)]
+    scenes = held_out_scenes(n, n_objects, seed)
     return [render(s) for s in scenes], [caption(s) for s in scenes], scenes
 
 
@@ -124,7 +129,7 @@ def pattern_balanced(per_pattern: int, seed: int = HELD_OUT_SEED, pool: int = 30
     The quality stage's own captions name a pattern only 67 times in 200 and unevenly (ring and dots are the
     patterns the base confuses), so this set weighs every pattern alike.
     """
-    _, caps, scenes = held_out(pool, 1, seed)
+    scenes = held_out_scenes(pool, 1, seed)  # captions only: rendering the pool would be wasted
     picked: dict[str, list[int]] = {p: [] for p in PATTERNS if p != "plain"}
     for i, sc in enumerate(scenes):
         o = sc.objects[0]
@@ -134,8 +139,8 @@ def pattern_balanced(per_pattern: int, seed: int = HELD_OUT_SEED, pool: int = 30
     short = [p for p, idx in picked.items() if len(idx) < per_pattern]
     if short:
         raise ValueError(f"only {pool} held-out scenes drawn; too few name the pattern(s) {short}: lower per_pattern")
-    order = [i for idx in picked.values() for i in idx]
-    return [caps[i] for i in order], [scenes[i] for i in order]
+    chosen = [scenes[i] for idx in picked.values() for i in idx]
+    return [caption(sc) for sc in chosen], chosen
 
 
 def pattern_confusion(readings: list[Reading], scenes: list[Scene]) -> dict[str, dict[str, int]]:
