@@ -4,7 +4,7 @@
 # the same data and settings. Every run appends one JSON line to $OUT; see docs/performance.md.
 #
 #   bash benchmarks/gpu_table.sh            # everything (about 25 minutes on an H100)
-#   bash benchmarks/gpu_table.sh sd15       # one group: sd15 | levers | example | sd21 | sdxl | core | profile
+#   bash benchmarks/gpu_table.sh sd15       # one group: sd15 | levers | example | sd21 | sdxl | core | profile | graphs
 #   STEPS=150 DIFFUSERS_EXAMPLE=... bash benchmarks/gpu_table.sh core   # one 10-minute device call: the
 #                                           # example, the defaults, lean activations off, checkpointing
 set -euo pipefail
@@ -53,12 +53,21 @@ for g in $groups; do
         run "${sd15[@]}" --mixed-precision fp16 --example "$DIFFUSERS_EXAMPLE" --profile "$dir/profile-example.txt" \
           --label profile
       fi ;;
+    graphs)  # --cuda-graphs: the tiny pipeline's delta against the eager one, then the table's runs alternating
+      "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py -k real_cuda_graphs || echo "graphs: test FAILED" >&2
+      run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs --label graphs
+      run "${sd15[@]}" --mixed-precision fp16 --label eager
+      if [ -n "${DIFFUSERS_EXAMPLE:-}" ]; then run "${sd15[@]}" --mixed-precision fp16 --example "$DIFFUSERS_EXAMPLE"; fi
+      run "${sd15[@]}" --mixed-precision bf16 --cuda-graphs --label graphs-bf16
+      run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs --lean-activations off --label graphs-lean-off
+      run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs --label graphs
+      "$PY" benchmarks/compare_deltas.py "$OUT" graphs eager ;;
     sd21)
       run --arch sd21 --resolution 768 --batch-size 8 --train-steps "$STEPS" --mixed-precision fp16 ;;
     sdxl)
       run --arch sdxl --resolution 1024 --batch-size 2 --train-steps "$STEPS" --mixed-precision fp16
       run --arch sdxl --resolution 1024 --batch-size 2 --train-steps "$STEPS" --mixed-precision bf16 ;;
-    *) echo "unknown group $g (sd15 | levers | example | sd21 | sdxl | core | profile)" >&2; exit 2 ;;
+    *) echo "unknown group $g (sd15 | levers | example | sd21 | sdxl | core | profile | graphs)" >&2; exit 2 ;;
   esac
 done
 echo "results in $OUT"

@@ -30,6 +30,7 @@ import cProfile
 import gzip
 import importlib.util
 import json
+import logging
 import os
 import resource
 import statistics
@@ -316,6 +317,14 @@ def child(spec: dict) -> dict:
         """Resident memory after each step (CPU only: the callback reads the loss, a sync on a GPU)."""
         resident.append(_rss_gb())
 
+    graph_log: list[str] = []  # what --cuda-graphs did (captured, fell back), for the row
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            graph_log.append(record.getMessage())
+
+    logging.getLogger("customdiff.graphs").addHandler(_Keep(logging.INFO))
+    logging.getLogger("customdiff.graphs").setLevel(logging.INFO)
     callback = None if cuda else after_step
     prof = kernel_profiler(spec.get("profile"))
     if prof is not None:
@@ -344,7 +353,7 @@ def child(spec: dict) -> dict:
               "--steps", str(spec["sample_steps"]), "--resolution", str(cfg.resolution), "--dtype", dtype,
               "--out", spec["samples"]])
     return {**timings, "whole_run_s": whole, "process_s": trained - STARTED, "peak_gb": peak, "peak_kind": kind,
-            "rss_after_steps_gb": max(resident) if resident else None,
+            "rss_after_steps_gb": max(resident) if resident else None, "cuda_graphs_log": graph_log,
             "sample_s": time.perf_counter() - t1 if rc == 0 else float("nan"), "sample_dtype": dtype}
 
 
@@ -437,7 +446,8 @@ def bench(a: argparse.Namespace) -> dict:
                   "gradient_checkpointing": a.gradient_checkpointing, "seed": 0, "num_class_images": 0,
                   "initializer": [initializer(base)], "frozen_weights": a.frozen_weights, "cache": a.cache,
                   "prefetch": a.prefetch, "lean_activations": a.lean_activations, "compile": a.compile,
-                  "channels_last": a.channels_last, "cudnn_benchmark": a.cudnn_benchmark, "log_every": a.log_every}
+                  "channels_last": a.channels_last, "cudnn_benchmark": a.cudnn_benchmark, "log_every": a.log_every,
+                  "cuda_graphs": a.cuda_graphs}
         spec = {"config": config, "photos": str(photos), "class": str(classes), "sample_steps": a.sample_steps,
                 "samples": str(run_dir / "samples"),
                 "profile": str(Path(a.profile).resolve()) if a.profile else None,
@@ -457,7 +467,9 @@ def bench(a: argparse.Namespace) -> dict:
             raise SystemExit(f"the training run failed (exit {proc.returncode})")
         result = {"program": "customdiff", **json.loads(lines[-1][7:]), "nvidia_smi_peak_gb": gpu.peak,
                   "levers": {k: config[k] for k in ("frozen_weights", "cache", "prefetch", "lean_activations",
-                                                    "compile", "channels_last", "cudnn_benchmark", "log_every")}}
+                                                    "compile", "channels_last", "cudnn_benchmark", "log_every",
+                                                    "cuda_graphs")},
+                  "delta": config["out"]}
     row = {**settings, **result, **({"label": a.label} if a.label else {})}
     print(json.dumps(row))
     if a.json:
@@ -490,6 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--label", default="", help="a name for this run, stored in its JSON line")
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--cudnn-benchmark", action="store_true")
+    g.add_argument("--cuda-graphs", action="store_true")
     g.add_argument("--example", metavar="SCRIPT", help="run diffusers' train_custom_diffusion.py instead")
     g.add_argument("--json", metavar="FILE", help="append the numbers as a JSON line")
     g.add_argument("--profile", metavar="FILE", help="write a torch.profiler op table of 5 steady steps (16-20; "

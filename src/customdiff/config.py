@@ -103,6 +103,9 @@ class TrainConfig:
                                 "and its trial workspaces count in the peak memory", resume=False)
     compile: bool = opt(False, "torch.compile the UNet (minutes of compilation before the first step)",
                         resume=False)
+    cuda_graphs: bool = opt(False, "replay the UNet's forward and backward pass as CUDA graphs, not thousands of "
+                            "separate kernel launches (CUDA, one process, without --gradient-checkpointing, "
+                            "--compile or --gradient-accumulation; captured on the first step)", resume=False)
     num_class_images: int = opt(200, "regularization images to generate per concept when it has no --reg-dir "
                                       "(0 = train without regularization)", lo=0, hi=100_000)
     reg_prompt: str = opt("captions", "what regularization images are trained with: captions (each image's .txt "

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conditioning import encode
+from .graphs import GraphedUNet
 from .tokens import TokenRows
 
 # what the feature caches may hold; beyond it, new entries are computed each time (nothing is evicted)
@@ -80,6 +81,7 @@ class CustomDiffusion(nn.Module):
         self._cached_bytes = 0
         new = [i for r in (token_rows, token_rows_2) if r is not None for i in r.token_ids]
         self._new_ids = torch.tensor(sorted(set(new)), dtype=torch.long)
+        self.graphed_unet: GraphedUNet | None = None  # set by training under --cuda-graphs
 
     def _encode(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -179,7 +181,10 @@ class CustomDiffusion(nn.Module):
             if time_ids is None:
                 raise ValueError("an SDXL UNet needs time_ids (B, 6)")
             added = {"text_embeds": pooled, "time_ids": time_ids.to(pooled)}
-        pred = self.unet(noisy, t, states, added_cond_kwargs=added).sample
+        if self.graphed_unet is not None:
+            pred = self.graphed_unet(noisy, t, states, added)
+        else:
+            pred = self.unet(noisy, t, states, added_cond_kwargs=added).sample
         kind = self.scheduler.config.prediction_type
         if kind == "epsilon":
             target = noise

@@ -25,6 +25,7 @@ from .config import TrainConfig
 from .data import ConceptSpec, TrainData, prefetch, validate_concepts
 from .delta import Delta, atomic_save, base_fingerprint, check_finite, read_metadata, read_tensors, save_delta
 from .errors import UserError
+from .graphs import GraphedUNet, graphs_unusable
 from .model import CustomDiffusion, vae_call_pixels
 from .outputs import make_dirs
 from .precision import frozen_dtype, read_kept, restore_kept, store_pipeline_frozen
@@ -241,6 +242,13 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
                             cache=cfg.cache, vae_call_pixels=vae_call_pixels(cuda, cfg.gradient_checkpointing)
                             ).to(accelerator.device)
     model.train()
+    if cfg.cuda_graphs:
+        why = graphs_unusable(cuda, cfg.gradient_checkpointing, cfg.compile, cfg.gradient_accumulation,
+                              accelerator.num_processes)
+        if why:
+            log.warning("--cuda-graphs %s; the UNet runs eagerly", why)
+        else:
+            model.graphed_unet = GraphedUNet(unet, list(trainable.values()))
     params = {**trainable, **{f"<{prefix}>": r.rows for prefix, r in rows_by_side.items()}}
 
     world = accelerator.num_processes

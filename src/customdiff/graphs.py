@@ -1,0 +1,106 @@
+"""CUDA graphs for the UNet's training pass: its forward and backward replayed as two graphs instead of the
+~11,000 operator calls a step launches one by one from Python, which bound a step on a GPU (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# (callable, sample args) -> the graphed callable; torch.cuda.make_graphed_callables, or a stand-in in tests
+Capture = Callable[[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]], Callable[..., torch.Tensor]]
+
+
+def graphs_unusable(cuda: bool, checkpointing: bool, compiled: bool, accumulation: int, processes: int) -> str | None:
+    """Why `--cuda-graphs` cannot apply to a run, or None when it can."""
+    if not cuda:
+        return "needs a CUDA GPU"
+    if checkpointing:
+        return "not with --gradient-checkpointing"
+    if compiled:
+        return "not with --compile"
+    if accumulation > 1:
+        # the graph hands back the same gradient buffers every replay; a second micro-batch would overwrite
+        # the first one's gradients before they are summed
+        return "not with --gradient-accumulation above 1"
+    if processes > 1:
+        return "not with several processes"
+    return None
+
+
+def _signature(args: Sequence[torch.Tensor]) -> tuple:
+    return tuple((a.shape, a.dtype, a.device, a.requires_grad) for a in args)
+
+
+class GraphedUNet:
+    """`unet(sample, t, states, added_cond_kwargs=added).sample` with gradients, replayed from CUDA graphs.
+
+    The first call with gradients enabled captures the forward and backward pass (torch's
+    make_graphed_callables: a few eager warm-up passes, then one capture each) under the autocast settings of
+    that call, with autocast's weight cache off as capture requires. Later calls copy their inputs into the
+    graph's buffers and replay. The trained tensors (`params`) are the graph's inputs too, so their gradients
+    flow to them as in the eager pass; the frozen weights are read in place. A call whose inputs differ from
+    the captured ones in shape, dtype, device or requires_grad, or one without gradients, runs eagerly.
+    The trained tensors must keep their storage (in-place updates only, as the optimizers make).
+    """
+
+    def __init__(self, unet: nn.Module, params: Sequence[nn.Parameter], capture: Capture | None = None):
+        self.unet = unet
+        self.params = tuple(params)
+        self.capture = capture
+        self.graphed: Callable[..., torch.Tensor] | None = None
+        self.signature: tuple | None = None
+        self.failed = False
+        self.eager_calls = 0
+
+    def eager(self, sample: torch.Tensor, t: torch.Tensor, states: torch.Tensor,
+              added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The plain UNet call."""
+        return self.unet(sample, t, states, added_cond_kwargs=added).sample
+
+    def _function(self, n_args: int) -> Callable[..., torch.Tensor]:
+        def run(*tensors: torch.Tensor) -> torch.Tensor:  # the trained tensors follow the inputs, unused by name
+            added = {"text_embeds": tensors[3], "time_ids": tensors[4]} if n_args == 5 else None
+            return self.eager(tensors[0], tensors[1], tensors[2], added)
+
+        return run
+
+    def _capture(self, args: tuple[torch.Tensor, ...]) -> None:
+        device = args[0].device.type
+        # fresh leaf inputs: the graph reads its inputs from these buffers for its whole life
+        static = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+        t0 = time.perf_counter()
+        try:
+            with torch.autocast(device, dtype=torch.get_autocast_dtype(device),
+                                enabled=torch.is_autocast_enabled(device), cache_enabled=False):
+                capture = self.capture or torch.cuda.make_graphed_callables
+                self.graphed = capture(self._function(len(args)), static + self.params)
+        except Exception as e:  # noqa: BLE001 - any capture failure leaves the eager pass, which is correct
+            self.failed = True
+            log.warning("--cuda-graphs: capturing the UNet failed (%s: %s); it runs eagerly", type(e).__name__, e)
+            return
+        self.signature = _signature(args)
+        log.info("--cuda-graphs: captured the UNet's forward and backward pass in %.1f s",
+                 time.perf_counter() - t0)
+
+    def __call__(self, sample: torch.Tensor, t: torch.Tensor, states: torch.Tensor,
+                 added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The UNet's prediction, from the graphs when the inputs match the captured ones."""
+        args = (sample, t, states) + ((added["text_embeds"], added["time_ids"]) if added else ())
+        if torch.is_grad_enabled():
+            if self.graphed is None and not self.failed:
+                self._capture(args)
+            if self.graphed is not None:
+                if _signature(args) == self.signature:
+                    return self.graphed(*args, *self.params)
+                if not self.eager_calls:
+                    log.warning("--cuda-graphs: inputs %s differ from the captured ones; such calls run eagerly",
+                                [tuple(a.shape) for a in args])
+                self.eager_calls += 1
+        return self.eager(sample, t, states, added)

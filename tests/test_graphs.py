@@ -1,0 +1,181 @@
+"""--cuda-graphs: the UNet's forward and backward replayed from graphs train the same delta as the eager pass."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from customdiff import train as train_module
+from customdiff.base import load_pipeline
+from customdiff.config import TrainConfig
+from customdiff.data import ConceptSpec
+from customdiff.delta import load_delta
+from customdiff.graphs import GraphedUNet, graphs_unusable
+from customdiff.surgery import freeze_except, trainable_names
+from customdiff.train import train
+
+
+def _spec(concept_dirs: dict[str, str]) -> list[ConceptSpec]:
+    return [ConceptSpec(concept_dirs["a"], "photo of a <new1> cat", "photo of a cat", reg_dir=concept_dirs["reg"])]
+
+
+class FakeCapture:
+    """make_graphed_callables' contract, on the CPU: the inputs are copied into static buffers that the replay
+    reads, and the output and every input gradient come back in buffers that each replay overwrites (as a CUDA
+    graph's do). Counts captures and replays."""
+
+    def __init__(self):
+        self.captures = self.forwards = self.backwards = 0
+
+    def __call__(self, fn, sample_args):
+        self.captures += 1
+        static = sample_args
+        needs = [s.requires_grad for s in static]
+        out_buf: list[torch.Tensor] = []
+        grad_bufs: list[torch.Tensor | None] = [None] * len(static)
+        fake = self
+
+        class Replay(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *inputs):
+                fake.forwards += 1
+                for s, x in zip(static, inputs, strict=True):
+                    if s.data_ptr() != x.data_ptr():
+                        s.copy_(x)
+                with torch.enable_grad():
+                    out = fn(*static)
+                ctx.out = out
+                if not out_buf:
+                    out_buf.append(torch.empty_like(out))
+                out_buf[0].copy_(out.detach())
+                return out_buf[0].detach()
+
+            @staticmethod
+            def backward(ctx, grad):
+                fake.backwards += 1
+                wanted = [s for s, n in zip(static, needs, strict=True) if n]
+                grads = iter(torch.autograd.grad(ctx.out, wanted, grad))
+                result = []
+                for i, n in enumerate(needs):
+                    if not n:
+                        result.append(None)
+                        continue
+                    g = next(grads)
+                    if grad_bufs[i] is None:
+                        grad_bufs[i] = torch.empty_like(g)
+                    grad_bufs[i].copy_(g)
+                    result.append(grad_bufs[i].detach())
+                return tuple(result)
+
+        return lambda *args: Replay.apply(*args)
+
+
+@pytest.mark.parametrize(("kw", "reason"), [
+    ({"cuda": False}, "needs a CUDA GPU"), ({"checkpointing": True}, "--gradient-checkpointing"),
+    ({"compiled": True}, "--compile"), ({"accumulation": 2}, "--gradient-accumulation"),
+    ({"processes": 2}, "several processes"), ({}, None)])
+def test_graphs_apply_only_where_they_are_safe(kw, reason):
+    args = {"cuda": True, "checkpointing": False, "compiled": False, "accumulation": 1, "processes": 1, **kw}
+    why = graphs_unusable(**args)
+    assert why == reason if reason is None else reason in why
+
+
+def test_graphed_training_gives_the_eager_delta(tiny_base, concept_dirs, tmp_path, monkeypatch):
+    fake = FakeCapture()
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake)
+    deltas = {}
+    for name, extra in [("eager", {}), ("graphs", {"cuda_graphs": True})]:
+        if extra:  # the CPU has no CUDA graphs: let the stand-in run where the GPU would
+            monkeypatch.setattr(train_module, "graphs_unusable", lambda *a: None)
+        cfg = TrainConfig(base=tiny_base, out=str(tmp_path / f"{name}.safetensors"), steps=4, batch_size=2,
+                          learning_rate=1e-3, **extra)
+        deltas[name] = load_delta(train(cfg, _spec(concept_dirs), progress=False))
+    assert (fake.captures, fake.forwards, fake.backwards) == (1, 4, 4)  # captured once, replayed every step
+    ref, got = deltas["eager"], deltas["graphs"]
+    assert ref.weights.keys() == got.weights.keys()
+    assert any(v.abs().sum() > 0 for v in ref.weights.values())
+    for k, v in ref.weights.items():
+        torch.testing.assert_close(got.weights[k], v, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(got.tokens["<new1>"], ref.tokens["<new1>"], rtol=1e-5, atol=1e-8)
+
+
+def test_cuda_graphs_on_the_cpu_warn_and_train_eagerly(tiny_base, concept_dirs, tmp_path, caplog):
+    deltas = []
+    for extra in ({}, {"cuda_graphs": True}):
+        cfg = TrainConfig(base=tiny_base, out=str(tmp_path / f"{len(deltas)}.safetensors"), steps=2, batch_size=2,
+                          learning_rate=1e-3, **extra)
+        with caplog.at_level(logging.WARNING, logger="customdiff.train"):
+            deltas.append(load_delta(train(cfg, _spec(concept_dirs), progress=False)))
+    assert "--cuda-graphs needs a CUDA GPU" in caplog.text
+    for k, v in deltas[0].weights.items():
+        assert torch.equal(deltas[1].weights[k], v)
+
+
+def _tiny_unet(tiny_base: str):
+    pipe = load_pipeline(tiny_base)
+    unet = pipe.unet
+    trainable = freeze_except(unet, trainable_names(unet, "crossattn_kv"))
+    return unet, list(trainable.values()), pipe.text_encoder.config.hidden_size
+
+
+def test_inputs_unlike_the_captured_ones_run_eagerly(tiny_base, monkeypatch, caplog):
+    unet, params, width = _tiny_unet(tiny_base)
+    fake = FakeCapture()
+    graphed = GraphedUNet(unet, params, capture=fake)
+    size = unet.config.sample_size
+    gen = torch.Generator().manual_seed(0)
+
+    def inputs(b: int) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(b, 4, size, size, generator=gen), torch.randint(0, 1000, (b,), generator=gen),
+                torch.randn(b, 7, width, generator=gen, requires_grad=True))
+
+    first, other = inputs(2), inputs(3)
+    with caplog.at_level(logging.WARNING, logger="customdiff.graphs"):
+        out = graphed(*first)
+        out_other = graphed(*other)  # another batch size: eager, with one warning
+        with torch.no_grad():
+            graphed(*first)  # no gradients: eager, silently
+    assert (fake.captures, fake.forwards, graphed.eager_calls) == (1, 1, 1)
+    assert caplog.text.count("differ from the captured ones") == 1
+    torch.testing.assert_close(out, graphed.eager(*first))
+    torch.testing.assert_close(out_other, graphed.eager(*other))
+    # the gradient reaches the trained tensors and the text features, as in the eager pass
+    out.square().mean().backward()
+    grads = [p.grad.clone() for p in params] + [first[2].grad.clone()]
+    for p in params:
+        p.grad = None
+    first[2].grad = None
+    graphed.eager(*first).square().mean().backward()
+    for g, p in zip(grads, params + [first[2]], strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_a_failed_capture_falls_back_to_the_eager_pass(tiny_base, caplog):
+    unet, params, width = _tiny_unet(tiny_base)
+
+    def broken(fn, args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphed = GraphedUNet(unet, params, capture=broken)
+    x = (torch.randn(1, 4, unet.config.sample_size, unet.config.sample_size), torch.tensor([10]),
+         torch.randn(1, 7, width))
+    with caplog.at_level(logging.WARNING, logger="customdiff.graphs"):
+        out = graphed(*x)
+        graphed(*x)
+    assert graphed.failed and caplog.text.count("capturing the UNet failed") == 1
+    torch.testing.assert_close(out, graphed.eager(*x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_real_cuda_graphs_train_the_eager_delta(tiny_base, concept_dirs, tmp_path):
+    deltas = {}
+    for name, extra in [("eager", {}), ("graphs", {"cuda_graphs": True})]:
+        cfg = TrainConfig(base=tiny_base, out=str(tmp_path / f"{name}.safetensors"), steps=6, batch_size=2,
+                          learning_rate=1e-3, **extra)
+        deltas[name] = load_delta(train(cfg, _spec(concept_dirs), progress=False))
+    ref, got = deltas["eager"], deltas["graphs"]
+    for k, v in ref.weights.items():
+        torch.testing.assert_close(got.weights[k], v, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.tokens["<new1>"], ref.tokens["<new1>"], rtol=1e-4, atol=1e-6)
