@@ -55,12 +55,12 @@ for g in $groups; do
       fi ;;
     graphs)  # --cuda-graphs: the tiny pipeline's delta against the eager one, then the table's runs alternating
       "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py -k real_cuda_graphs || echo "graphs: test FAILED" >&2
-      run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs --label graphs
-      run "${sd15[@]}" --mixed-precision fp16 --label eager
+      run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs on --label graphs
+      run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs off --label eager
       if [ -n "${DIFFUSERS_EXAMPLE:-}" ]; then run "${sd15[@]}" --mixed-precision fp16 --example "$DIFFUSERS_EXAMPLE"; fi
-      run "${sd15[@]}" --mixed-precision bf16 --cuda-graphs --label graphs-bf16
-      run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs --lean-activations off --label graphs-lean-off
-      run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs --label graphs
+      run "${sd15[@]}" --mixed-precision bf16 --cuda-graphs on --label graphs-bf16
+      run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs on --lean-activations off --label graphs-lean-off
+      run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs on --label graphs
       "$PY" benchmarks/compare_deltas.py "$OUT" graphs eager ;;
     sd21)
       run --arch sd21 --resolution 768 --batch-size 8 --train-steps "$STEPS" --mixed-precision fp16 ;;

@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--label", default="", help="a name for this run, stored in its JSON line")
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--cudnn-benchmark", action="store_true")
-    g.add_argument("--cuda-graphs", action="store_true")
+    g.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
     g.add_argument("--example", metavar="SCRIPT", help="run diffusers' train_custom_diffusion.py instead")
     g.add_argument("--json", metavar="FILE", help="append the numbers as a JSON line")
     g.add_argument("--profile", metavar="FILE", help="write a torch.profiler op table of 5 steady steps (16-20; "

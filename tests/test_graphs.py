@@ -86,8 +86,8 @@ def test_graphed_training_gives_the_eager_delta(tiny_base, concept_dirs, tmp_pat
     fake = FakeCapture()
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake)
     deltas = {}
-    for name, extra in [("eager", {}), ("graphs", {"cuda_graphs": True})]:
-        if extra:  # the CPU has no CUDA graphs: let the stand-in run where the GPU would
+    for name, extra in [("eager", {"cuda_graphs": "off"}), ("graphs", {"cuda_graphs": "on"})]:
+        if name == "graphs":  # the CPU has no CUDA graphs: let the stand-in run where the GPU would
             monkeypatch.setattr(train_module, "graphs_unusable", lambda *a: None)
         cfg = TrainConfig(base=tiny_base, out=str(tmp_path / f"{name}.safetensors"), steps=4, batch_size=2,
                           learning_rate=1e-3, **extra)
@@ -101,16 +101,17 @@ def test_graphed_training_gives_the_eager_delta(tiny_base, concept_dirs, tmp_pat
     torch.testing.assert_close(got.tokens["<new1>"], ref.tokens["<new1>"], rtol=1e-5, atol=1e-8)
 
 
-def test_cuda_graphs_on_the_cpu_warn_and_train_eagerly(tiny_base, concept_dirs, tmp_path, caplog):
-    deltas = []
-    for extra in ({}, {"cuda_graphs": True}):
-        cfg = TrainConfig(base=tiny_base, out=str(tmp_path / f"{len(deltas)}.safetensors"), steps=2, batch_size=2,
-                          learning_rate=1e-3, **extra)
+def test_cuda_graphs_on_the_cpu_train_eagerly_and_on_warns(tiny_base, concept_dirs, tmp_path, caplog):
+    deltas = {}
+    for mode in ("off", "auto", "on"):
+        cfg = TrainConfig(base=tiny_base, out=str(tmp_path / f"{mode}.safetensors"), steps=2, batch_size=2,
+                          learning_rate=1e-3, cuda_graphs=mode)
         with caplog.at_level(logging.WARNING, logger="customdiff.train"):
-            deltas.append(load_delta(train(cfg, _spec(concept_dirs), progress=False)))
-    assert "--cuda-graphs needs a CUDA GPU" in caplog.text
-    for k, v in deltas[0].weights.items():
-        assert torch.equal(deltas[1].weights[k], v)
+            deltas[mode] = load_delta(train(cfg, _spec(concept_dirs), progress=False))
+    assert caplog.text.count("--cuda-graphs needs a CUDA GPU") == 1  # from "on" alone; "auto" stays quiet
+    for mode in ("auto", "on"):
+        for k, v in deltas["off"].weights.items():
+            assert torch.equal(deltas[mode].weights[k], v)
 
 
 def _tiny_unet(tiny_base: str):
@@ -171,11 +172,16 @@ def test_a_failed_capture_falls_back_to_the_eager_pass(tiny_base, caplog):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_real_cuda_graphs_train_the_eager_delta(tiny_base, concept_dirs, tmp_path):
     deltas = {}
-    for name, extra in [("eager", {}), ("graphs", {"cuda_graphs": True})]:
-        cfg = TrainConfig(base=tiny_base, out=str(tmp_path / f"{name}.safetensors"), steps=6, batch_size=2,
-                          learning_rate=1e-3, **extra)
-        deltas[name] = load_delta(train(cfg, _spec(concept_dirs), progress=False))
-    ref, got = deltas["eager"], deltas["graphs"]
+    for mode in ("off", "on"):
+        cfg = TrainConfig(base=tiny_base, out=str(tmp_path / f"{mode}.safetensors"), steps=6, batch_size=2,
+                          learning_rate=1e-3, cuda_graphs=mode)
+        deltas[mode] = load_delta(train(cfg, _spec(concept_dirs), progress=False))
+    ref, got = deltas["off"], deltas["on"]
+    # Not bit for bit: the GPU's backward kernels sum in an order that varies, and AdamW's first steps move a
+    # weight by about lr * sign(gradient), so a near-zero gradient can step the other way. On an H200 (eighth
+    # session) these 6 steps differed by at most 7.7e-6 per element, of steps up to lr * 6 = 6e-3 (the test
+    # then asked for 1e-6 and failed); SD 1.5 at 512 px, fp16, 150 steps: 8.6e-4 relative L2, cosine 0.9999996.
+    # 5e-5 is about 1% of the largest step. This tolerance has not been run on a GPU yet.
     for k, v in ref.weights.items():
-        torch.testing.assert_close(got.weights[k], v, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(got.tokens["<new1>"], ref.tokens["<new1>"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got.weights[k], v, rtol=0, atol=5e-5)
+    torch.testing.assert_close(got.tokens["<new1>"], ref.tokens["<new1>"], rtol=0, atol=5e-5)

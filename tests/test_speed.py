@@ -104,6 +104,22 @@ def test_feature_caches_give_the_same_loss_and_gradients(tiny_base, concept_dirs
     assert results[0][1][0].abs().sum() > 0  # the new token row does get a gradient
 
 
+def test_cached_text_features_keep_each_part_in_its_own_dtype(tiny_base, concept_dirs):
+    # SDXL's encoders give states and a pooled projection that may differ in dtype under autocast: a batch
+    # read partly from the cache must come back in the dtypes of an uncached one (--cuda-graphs replays only
+    # for the captured dtypes; the sixth GPU session's SDXL run fell back to eager after its first step)
+    model, pipe = _tiny_model(tiny_base, cache=True)
+    model._encode = lambda ids, ids_2: (torch.randn(len(ids), ids.shape[1], 8),
+                                        torch.randn(len(ids), 4, dtype=torch.bfloat16))
+    batch = TrainData(_spec(concept_dirs), 32, 2).batch(0, 3, 0, 4)
+    ids = pipe.tokenizer(batch["prompts"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    first = model.encode_text(ids)
+    second = model.encode_text(ids)  # the class caption's features from the cache
+    assert len(model.text_cache) == 1
+    assert [t.dtype for t in first] == [t.dtype for t in second] == [torch.float32, torch.bfloat16]
+
+
 def _reset_accelerate() -> None:
     """accelerate keeps one mixed-precision setting per process: reset it between runs that change it."""
     from accelerate.state import AcceleratorState, GradientState

@@ -103,9 +103,11 @@ class TrainConfig:
                                 "and its trial workspaces count in the peak memory", resume=False)
     compile: bool = opt(False, "torch.compile the UNet (minutes of compilation before the first step)",
                         resume=False)
-    cuda_graphs: bool = opt(False, "replay the UNet's forward and backward pass as CUDA graphs, not thousands of "
-                            "separate kernel launches (CUDA, one process, without --gradient-checkpointing, "
-                            "--compile or --gradient-accumulation; captured on the first step)", resume=False)
+    cuda_graphs: str = opt("auto", "replay the UNet's forward and backward pass as CUDA graphs instead of thousands "
+                           "of separate kernel launches (captured on the first step; same values): auto (on a CUDA "
+                           "GPU with one process, without --gradient-checkpointing, --compile or "
+                           "--gradient-accumulation), on (warns where it cannot apply) or off",
+                           choices=["auto", "on", "off"], resume=False)
     num_class_images: int = opt(200, "regularization images to generate per concept when it has no --reg-dir "
                                       "(0 = train without regularization)", lo=0, hi=100_000)
     reg_prompt: str = opt("captions", "what regularization images are trained with: captions (each image's .txt "

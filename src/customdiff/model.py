@@ -125,9 +125,11 @@ class CustomDiffusion(nn.Module):
         if len(fresh) == len(keys):  # nothing from the cache: the encoder's batch as is
             return states, pooled
         rows = [fresh[i] if i in fresh else self.text_cache[k] for i, k in enumerate(keys)]
-        dtype = next(iter(fresh.values()))[0].dtype if fresh else rows[0][0].dtype
-        states = torch.stack([r[0].to(dtype) for r in rows])
-        pooled = None if rows[0][1] is None else torch.stack([r[1].to(dtype) for r in rows])
+        # each part in the encoder's own dtype for it, as an uncached batch has it (SDXL's pooled projection
+        # may differ from its states under autocast); --cuda-graphs replays only for the captured dtypes
+        like = next(iter(fresh.values())) if fresh else rows[0]
+        states = torch.stack([r[0].to(like[0].dtype) for r in rows])
+        pooled = None if like[1] is None else torch.stack([r[1].to(like[1].dtype) for r in rows])
         return states, pooled
 
     @torch.no_grad()

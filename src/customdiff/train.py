@@ -242,13 +242,13 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
                             cache=cfg.cache, vae_call_pixels=vae_call_pixels(cuda, cfg.gradient_checkpointing)
                             ).to(accelerator.device)
     model.train()
-    if cfg.cuda_graphs:
+    if cfg.cuda_graphs != "off":
         why = graphs_unusable(cuda, cfg.gradient_checkpointing, cfg.compile, cfg.gradient_accumulation,
                               accelerator.num_processes)
-        if why:
-            log.warning("--cuda-graphs %s; the UNet runs eagerly", why)
-        else:
+        if why is None:
             model.graphed_unet = GraphedUNet(unet, list(trainable.values()))
+        elif cfg.cuda_graphs == "on":
+            log.warning("--cuda-graphs %s; the UNet runs eagerly", why)
     params = {**trainable, **{f"<{prefix}>": r.rows for prefix, r in rows_by_side.items()}}
 
     world = accelerator.num_processes
