@@ -19,6 +19,7 @@ from customdiff.toy.world import (
     SHAPES,
     SIZE,
     caption,
+    names_pattern,
     render,
     sample_dataset,
     sample_scene,
@@ -74,6 +75,19 @@ def test_caption_and_image_agree(n_objects):
     # The object's colour is drawn inside its bbox. The one exception: on a 12-15 px star the five dots cover
     # the body and the thin arms are anti-aliased (13 of 3,898 objects of seed 11, 0.3%).
     assert all(o.look.shape == "star" and o.look.pattern == "dots" and o.side <= 15 for _, o in faint), faint
+
+
+def test_names_pattern_reads_what_the_caption_names():
+    # the UNet stage's --set pattern_weight draws these captions more often: exactly the scenes where a
+    # patterned object's pattern is named (an object's `named` is empty when everything is named)
+    rng = np.random.default_rng(12)
+    seen = {True: 0, False: 0}
+    for i in range(600):
+        scene = sample_scene(rng, n_objects=1 + i % 2)
+        want = any(o.look.pattern != "plain" and (not o.named or o.named["pattern"]) for o in scene.objects)
+        assert names_pattern(caption(scene)) is want, caption(scene)
+        seen[want] += 1
+    assert min(seen.values()) > 100  # both kinds were checked
 
 
 def test_personal_looks_are_held_out_but_made_of_seen_parts():

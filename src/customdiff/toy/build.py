@@ -38,6 +38,7 @@ class BuildConfig:
     unet_steps: int = 16000
     unet_lr: float = 1e-3  # peak of the UNet stage's cosine schedule
     unet_batch: int = 32
+    pattern_weight: float = 1.0  # UNet stage: sampling weight of images whose caption names a pattern (1: uniform)
     clip_steps: int = 4000
     probe_steps: int = 6000
     n_class_images: int = 200
@@ -120,9 +121,18 @@ class Builder:
         ids = tokenize(self.tokenizer, captions)
         empty = tokenize(self.tokenizer, [""])[0]
         te = text_encoder_from_clip(CLIPModel.from_pretrained(self.work / "clip_final"))
+        weights = None
+        if self.cfg.pattern_weight != 1.0:
+            from .world import names_pattern
+
+            weights = np.array([self.cfg.pattern_weight if names_pattern(c) else 1.0 for c in captions])
+            weights /= weights.sum()
+            log.info("unet: captions naming a pattern drawn with weight %g: %.1f%% of the images seen (uniform: "
+                     "%.1f%%)", self.cfg.pattern_weight, 100 * weights[[names_pattern(c) for c in captions]].sum(),
+                     100 * np.mean([names_pattern(c) for c in captions]))
         unet, te, losses = train_unet_text(lat["mean"].float(), lat["scaling"], ids, empty, te,
                                            self.work / "unet.pt", self.cfg.unet_steps, batch=self.cfg.unet_batch,
-                                           lr=self.cfg.unet_lr)
+                                           lr=self.cfg.unet_lr, sample_p=weights)
         unet.save_pretrained(self.work / "unet_final")
         te.save_pretrained(self.work / "te_final")
         self._note("unet+text", {"final_loss": float(np.mean(losses[-100:])), "first_loss": losses[0]})

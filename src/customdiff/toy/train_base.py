@@ -79,6 +79,7 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 def train_unet_text(
     mean: torch.Tensor, scaling: float, ids: torch.Tensor, empty_ids: torch.Tensor,
     text_encoder, ckpt: Path, steps: int, batch: int = 32, lr: float = 1e-3, seed: int = 2,
+    sample_p: np.ndarray | None = None,
 ):
     """Joint v-prediction training of the UNet and `text_encoder`; returns EMA copies and the losses.
 
@@ -107,7 +108,9 @@ def train_unet_text(
     v_pred = sched.config.prediction_type == "v_prediction"
 
     def step(i: int, rng: np.random.Generator, gen: torch.Generator) -> float:
-        idx = torch.from_numpy(rng.integers(0, len(mean), batch))
+        # uniform over the images, or drawn with the probabilities `sample_p` (one per image)
+        idx = torch.from_numpy(rng.integers(0, len(mean), batch) if sample_p is None
+                               else rng.choice(len(mean), batch, p=sample_p))
         z0 = mean[idx] * scaling  # (B, 4, 16, 16)
         tok = ids[idx].clone()
         drop = torch.from_numpy(rng.random(batch) < CAPTION_DROPOUT)

@@ -12,6 +12,7 @@ Objects are drawn at 4x the output size and box-filtered down, so edges are anti
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -216,6 +217,15 @@ def pattern_phrase(look: Look, with_colour: bool = True) -> str:
         return phrase
     head, last = phrase.rsplit(" ", 1)
     return f"{head} {look.pattern_colour} {last}"
+
+
+_PATTERN_WORDS = "|".join(phrase.rsplit(" ", 1)[1] for phrase in PATTERNS.values() if phrase)
+_NAMES_PATTERN = re.compile(rf"\bwith (?:a )?(?:\w+ )?(?:{_PATTERN_WORDS})\b")
+
+
+def names_pattern(text: str) -> bool:
+    """Whether a caption names a pattern ('with dots', 'with a red ring'), of either object."""
+    return _NAMES_PATTERN.search(text) is not None
 
 
 def look_phrase(look: Look, colour: bool = True, pattern: bool = True, pattern_colour: bool = True,
