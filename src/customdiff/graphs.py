@@ -1,6 +1,6 @@
 """CUDA graphs for the UNet's training pass: its forward and backward replayed as two graphs instead of the
-~11,000 operator calls a step launches one by one from Python, which bound a step on a GPU (docs/performance.md).
-"""
+UNet's ~11,000 operator calls a step, launched one by one from Python, which bound a step on a GPU
+(docs/performance.md)."""
 
 from __future__ import annotations
 
