@@ -125,11 +125,11 @@ class Builder:
         if self.cfg.pattern_weight != 1.0:
             from .world import names_pattern
 
-            weights = np.array([self.cfg.pattern_weight if names_pattern(c) else 1.0 for c in captions])
+            named = np.array([names_pattern(c) for c in captions])
+            weights = np.where(named, self.cfg.pattern_weight, 1.0)
             weights /= weights.sum()
             log.info("unet: captions naming a pattern drawn with weight %g: %.1f%% of the images seen (uniform: "
-                     "%.1f%%)", self.cfg.pattern_weight, 100 * weights[[names_pattern(c) for c in captions]].sum(),
-                     100 * np.mean([names_pattern(c) for c in captions]))
+                     "%.1f%%)", self.cfg.pattern_weight, 100 * weights[named].sum(), 100 * named.mean())
         unet, te, losses = train_unet_text(lat["mean"].float(), lat["scaling"], ids, empty, te,
                                            self.work / "unet.pt", self.cfg.unet_steps, batch=self.cfg.unet_batch,
                                            lr=self.cfg.unet_lr, sample_p=weights)
