@@ -38,7 +38,7 @@ class BuildConfig:
     unet_steps: int = 16000
     unet_lr: float = 1e-3  # peak of the UNet stage's cosine schedule
     unet_batch: int = 32
-    pattern_weight: float = 1.0  # UNet stage: sampling weight of images whose caption names a pattern (1: uniform)
+    pattern_weight: float = 3.0  # UNet stage: sampling weight of images whose caption names a pattern (1: uniform)
     clip_steps: int = 4000
     probe_steps: int = 6000
     n_class_images: int = 200

@@ -101,8 +101,11 @@ def train_unet_text(
     te = text_encoder.train()
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
     params = list(unet.parameters()) + list(te.parameters())
-    # no weight decay: unused rows (the rare initializer words) must stay as initialised
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ema_params = list(ema_unet.parameters()) + list(ema_te.parameters())
+    # no weight decay: unused rows (the rare initializer words) must stay as initialised. The fused kernel and
+    # the one foreach EMA update save about 8% of the step (benchmarks/toy_base_step.py); builds before
+    # 2026-11-27 looped over the tensors.
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
     sched = make_scheduler()
     acp = sched.alphas_cumprod
     v_pred = sched.config.prediction_type == "v_prediction"
@@ -128,9 +131,7 @@ def train_unet_text(
         opt.step()
         decay = min(0.999, (1 + i) / (10 + i))
         with torch.no_grad():
-            for src, dst in ((unet, ema_unet), (te, ema_te)):
-                for p, q in zip(src.parameters(), dst.parameters(), strict=True):
-                    q.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         return loss.item()
 
     modules = {"unet": unet, "te": te, "ema_unet": ema_unet, "ema_te": ema_te}
