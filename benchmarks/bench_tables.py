@@ -14,15 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from customdiff.bench import METRICS, summarize
-
-
-def _cell(m: dict, k: str) -> str:
-    digits = 1 if k == "kid_x1000" else 3
-    if m.get(k) is None:
-        return "n/a"
-    std = m.get(f"{k}_std")
-    return f"{m[k]:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+from customdiff.bench import METRICS, cell, summarize
 
 
 def read_rows(folders: list[Path]) -> tuple[list[dict], list[dict]]:
@@ -47,7 +39,7 @@ def tables(rows: list[dict]) -> str:
     out = ["| method | entries | seeds | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
            "|---|---:|---:|" + "---:|" * len(cols)]
     for m in summarize(rows):
-        out.append(f"| {m['method']} | {m['entries']} | {m['seeds']} | " + " | ".join(_cell(m, c) for c in cols) + " |")
+        out.append(f"| {m['method']} | {m['entries']} | {m['seeds']} | " + " | ".join(cell(m, c) for c in cols) + " |")
     for key in ("concept_fidelity", "pair_fidelity"):
         sel = [r for r in rows if r.get(key) is not None]
         if not sel:

@@ -246,7 +246,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _cell(m: dict, k: str, digits: int = 3) -> str:
+def cell(m: dict, k: str) -> str:
+    """One table cell of a summarized method: mean ± std over seeds (KID with 1 decimal, the rest 3)."""
+    digits = 1 if k == "kid_x1000" else 3
     if m.get(k) is None:
         return "n/a"
     std = m.get(f"{k}_std")
@@ -262,7 +264,7 @@ def markdown(summary: dict) -> str:
     lines = ["## Means per method (± std over seeds)", "", head]
     for m in summary["means"]:
         lines.append(f"| {m['method']} | {m['entries']} | {m['seeds']} | "
-                     + " | ".join(_cell(m, c, 1 if c == "kid_x1000" else 3) for c in cols)
+                     + " | ".join(cell(m, c) for c in cols)
                      + f" | {m['trainable']:.0f} | {m['delta_mb']:.3f} | {m['train_s']:.0f} |")
     lines += ["", "## Every run", "", "| method | entry | seed | " + " | ".join(c.replace("_", " ") for c in cols)
               + " |", "|---|---|---:|" + "---:|" * len(cols)]
