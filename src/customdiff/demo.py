@@ -28,7 +28,7 @@ class DemoConfig:
     """Settings of the demo run (training settings from customdiff.toy.recipes)."""
 
     out: str = "out/demo"
-    concept: str = "dotted_heart"  # the concept this base learns best (docs/benchmarks.md)
+    concept: str = "dotted_heart"  # learned best with striped_circle, and judged right at night (docs/benchmarks.md)
     steps: int = 0  # 0 = the Custom Diffusion recipe's
     prompts: int = 0  # 0 = all held-out prompts of the concept
     n: int = 4  # images per prompt
