@@ -65,7 +65,14 @@ def test_tiny_bench_end_to_end(tmp_path):
     cd = summary["means"][0]
     assert cd["seeds"] == 2 and cd["concept_fidelity_std"] is not None and 0 <= cd["class_leakage"] <= 1
     assert summary["means"][1]["pair_fidelity"] is not None
-    assert "± " in (out / "results.md").read_text() and (out / "report.html").is_file()
+    assert "± " in (out / "results.md").read_text()
+    # the report: tables, the target photos inline and each run's samples framed by the probe's verdict
+    report = (out / "report.html").read_text()
+    assert "<table>" in report and report.count("data:image/png;base64") >= 8
+    run = summary["rows"][0]
+    assert len(run["verdicts"]) == 2 and all("concept" in v for v in run["verdicts"])
+    assert "images/s0/custom_diffusion/checker_square/prompts/" in report
+    assert report.count("<img class='s ") == 2 + 4 * 2  # first seed: 2 prompts of the single, 2 of each pair run
     assert not (tmp_path / "bench.partial").exists()
 
     # rescoring the saved samples reproduces every measure; a run whose samples are gone is refused up front
@@ -76,7 +83,9 @@ def test_tiny_bench_end_to_end(tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert "rescored" in again and [r["seed"] for r in again["rows"]] == [r["seed"] for r in summary["rows"]]
     for old, new in zip(summary["rows"], again["rows"], strict=True):
-        assert {k: v for k, v in new.items() if k != "verdicts"} == pytest.approx(old)
+        assert new["verdicts"] == old["verdicts"]
+        assert {k: v for k, v in new.items() if k != "verdicts"} == pytest.approx(
+            {k: v for k, v in old.items() if k != "verdicts"})
     shutil.rmtree(out / "images" / "s1" / "merge")
     before = (out / "results.json").read_text()
     with pytest.raises(UserError, match="s1/merge"):

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .eval_report import verdict_class
+
 log = logging.getLogger(__name__)
 METRICS = ("concept_fidelity", "pair_fidelity", "context_fidelity", "class_leakage", "text_alignment",
            "image_alignment", "kid_x1000")
@@ -109,7 +111,7 @@ class Runner:
         ecfg = EvalConfig(n=cfg.n, steps=cfg.sample_steps, guidance=cfg.guidance, seed=seed, n_class=cfg.n_class,
                           class_template="photo of a {}", kid_subsets=50, kid_subset_size=cfg.n_class)
         r = evaluate(pipe, [entry], self.clip, ecfg, images_out=images_out, images_in=images_in, judge=self.judge)
-        return {k: r["entries"][0].get(k) for k in METRICS}
+        return {**{k: r["entries"][0].get(k) for k in METRICS}, "verdicts": r["entries"][0].get("verdicts")}
 
     def record(self, method: str, entry: Any, seed: int, stats: dict, metrics: dict) -> None:
         """Keep one result row (and log it)."""
@@ -274,19 +276,78 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _html(summary: dict, work: Path) -> str:
-    css = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}td,th{border:1px solid #ccc;padding:3px 6px}"
-           "table{border-collapse:collapse}img{image-rendering:pixelated;height:192px}")
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>customdiff bench</title>",
-             f"<style>{css}</style></head><body><h1>customdiff bench (toy world)</h1><pre>",
-             html.escape(markdown(summary)), "</pre><h2>Sample grids (first seed)</h2>"]
-    first = summary["rows"][0]["seed"] if summary["rows"] else 0
-    for r in summary["rows"]:
-        if r["seed"] != first:
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    esc = html.escape
+    return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+
+
+def _targets(entry: str) -> str:
+    """The entry's target photos inline (they live in the toy assets, outside the bench folder)."""
+    import base64
+
+    from .toy import paths
+
+    imgs = []
+    for name in entry.split("+"):
+        folder = Path(paths()["concepts"]) / "instances" / name
+        for f in sorted(folder.glob("*.png"))[:8]:
+            imgs.append(f"<img class='t' title='{html.escape(name)}' "
+                        f"src='data:image/png;base64,{base64.b64encode(f.read_bytes()).decode()}'>")
+    return "".join(imgs)
+
+
+def _samples(row: dict, work: Path) -> str:
+    """One run's first sample of each prompt, framed by the probe's verdict (hover: prompt and reading)."""
+    folder = work / "images" / f"s{row['seed']}" / row["method"] / row["entry"] / "prompts"
+    index = next(folder.glob("*/prompts.json"), None) if folder.is_dir() else None
+    if index is None:
+        return "(no samples)"
+    labels = row.get("verdicts") or []
+    cells, seen = [], set()
+    for i, item in enumerate(json.loads(index.read_text())):
+        if item["prompt"] in seen:
             continue
-        folder = work / "images" / f"s{r['seed']}" / r["method"] / r["entry"] / "prompts"
-        grid = next(folder.glob("*/grid.png"), None) if folder.is_dir() else None
-        parts.append(f"<h3>{html.escape(r['method'])}: {html.escape(r['entry'])}</h3>")
-        parts.append(f"<img src='{html.escape(str(grid.relative_to(work)))}'>" if grid else "<p>(no grid)</p>")
+        seen.add(item["prompt"])
+        lab = labels[i] if i < len(labels) else ""
+        src = html.escape(str((index.parent / item["file"]).relative_to(work)))
+        cells.append(f"<img class='s {verdict_class(lab)}' src='{src}' "
+                     f"title='{html.escape(item['prompt'] + (' | ' + lab if lab else ''))}'>")
+    return "".join(cells)
+
+
+def _html(summary: dict, work: Path) -> str:
+    """report.html: the tables, then per entry its target photos and each method's samples of the first seed."""
+    css = ("body{font-family:sans-serif;max-width:1300px;margin:2em auto;color:#222}"
+           "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child{text-align:left}"
+           "table{border-collapse:collapse;margin:.5em 0}img{image-rendering:pixelated}"
+           "img.t{width:64px;height:64px;margin:1px}img.s{width:64px;height:64px;margin:1px;border:3px solid #ccc}"
+           "img.good{border-color:#2a2}img.half{border-color:#e90}img.bad{border-color:#d22}")
+    cols = METRICS
+    means = _table(["method", "entries", "seeds", *(c.replace("_", " ") for c in cols), "trainable params",
+                    "delta MB", "train s"],
+                   [[m["method"], str(m["entries"]), str(m["seeds"]), *(cell(m, c) for c in cols),
+                     f"{m['trainable']:.0f}", f"{m['delta_mb']:.3f}", f"{m['train_s']:.0f}"]
+                    for m in summary["means"]])
+    runs = _table(["method", "entry", "seed", *(c.replace("_", " ") for c in cols)],
+                  [[r["method"], r["entry"], str(r["seed"]),
+                    *("n/a" if r.get(c) is None else f"{r[c]:.3f}" for c in cols)] for r in summary["rows"]])
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>customdiff bench</title>",
+             f"<style>{css}</style></head><body><h1>customdiff bench (toy world)</h1>",
+             "<h2>Means per method (± std over seeds)</h2>", means,
+             "<p>Concept fidelity: share of the held-out prompts' samples in which the toy probe reads the "
+             "concept's shape, colours and pattern; pair fidelity: both concepts in one image; context fidelity: "
+             "the prompted setting and other objects drawn; class leakage: class-prompt samples showing the "
+             "concept's pattern (docs/EVAL.md).</p>",
+             f"<details><summary>Every run ({len(summary['rows'])})</summary>{runs}</details>"]
+    first = summary["rows"][0]["seed"] if summary["rows"] else 0
+    parts.append(f"<h2>Samples (seed {first}): the first image of each held-out prompt</h2><p>Frames: green = "
+                 "concept and context right, orange = concept right, context wrong, red = concept not drawn; "
+                 "hover for the prompt and the probe's reading.</p>")
+    for entry in dict.fromkeys(r["entry"] for r in summary["rows"]):
+        rows = [r for r in summary["rows"] if r["entry"] == entry and r["seed"] == first]
+        parts.append(f"<h3>{html.escape(entry)}</h3><div>{_targets(entry)}</div>")
+        parts.append("<table>" + "".join(f"<tr><td>{html.escape(r['method'])}</td><td>{_samples(r, work)}</td></tr>"
+                                         for r in rows) + "</table>")
     parts.append("</body></html>")
     return "".join(parts)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .eval_report import verdict_class
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("concept_fidelity", "context_fidelity", "class_leakage", "text_alignment", "image_alignment",
@@ -38,19 +39,11 @@ class DemoConfig:
     seed: int = 0
 
 
-def _verdict_class(label: str) -> str:
-    if not label:
-        return ""
-    if "leaks" in label or "concept ✗" in label:
-        return "bad"
-    return "half" if "context ✗" in label else ("" if label == "no leak" else "good")
-
-
 def _cells(folder: str, labels: list[str], start: int, n: int) -> str:
     cells = []
     for i in range(start, start + n):
         lab = labels[i] if labels else ""
-        cells.append(f'<figure class="{_verdict_class(lab)}"><img src="{folder}/{i:04d}.png" '
+        cells.append(f'<figure class="{verdict_class(lab)}"><img src="{folder}/{i:04d}.png" '
                      f'title="{html.escape(lab)}"><figcaption>{html.escape(lab.split(" | ")[-1])}</figcaption>'
                      "</figure>")
     return "".join(cells)

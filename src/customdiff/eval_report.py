@@ -11,6 +11,16 @@ from .outputs import METRICS_FILE, REPORT_FILE
 PROBE_KEYS = ("concept_fidelity", "pair_fidelity", "context_fidelity", "class_leakage")
 
 
+def verdict_class(label: str) -> str:
+    """CSS class of a sample's frame from its probe label: good (concept and context right), half (concept
+    right, context wrong), bad (concept not drawn, or the class prompt leaks it), '' when there is no verdict."""
+    if not label:
+        return ""
+    if "leaks" in label or "concept ✗" in label:
+        return "bad"
+    return "half" if "context ✗" in label else ("" if label == "no leak" else "good")
+
+
 def _fmt(v: float | None, digits: int = 4) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
