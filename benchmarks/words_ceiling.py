@@ -28,18 +28,19 @@ from customdiff.toy.quality import generate
 from customdiff.toy.world import look_phrase
 
 
-def _words(look) -> str:
-    return look_phrase(look).split(" ", 1)[1]
+def _worded(templates: tuple[str, ...], *looks) -> list[str]:
+    words = [look_phrase(lk).split(" ", 1)[1] for lk in looks]  # the phrase without its article
+    return [re.sub(r"\ba ([aeiou])", r"an \1", t.format(*words)) for t in templates]
 
 
 def worded_prompts(look) -> list[str]:
     """The held-out single-concept prompts with the concept named in words ('an orange triangle with ...')."""
-    return [re.sub(r"\ba ([aeiou])", r"an \1", t.format(_words(look))) for t in SINGLE_PROMPTS]
+    return _worded(SINGLE_PROMPTS, look)
 
 
 def worded_pair_prompts(first, second) -> list[str]:
     """The pair prompts with both concepts named in words."""
-    return [re.sub(r"\ba ([aeiou])", r"an \1", t.format(_words(first), _words(second))) for t in PAIR_PROMPTS]
+    return _worded(PAIR_PROMPTS, first, second)
 
 
 def main() -> None:

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _realscale():
-    spec = importlib.util.spec_from_file_location("realscale", ROOT / "benchmarks" / "realscale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tiny import load_benchmark
 
 
 def test_realscale_training_benchmark_smoke(tmp_path):
-    realscale = _realscale()
+    realscale = load_benchmark("realscale")
     out = tmp_path / "rows.jsonl"
     # the tiny network of SD 1.5's shape: SD 1.5 itself takes ~10 s a step here, too slow for the suite
     realscale.main(["--arch", "tiny", "--train-steps", "2", "--resolution", "64", "--batch-size", "2",
@@ -32,9 +22,7 @@ def test_realscale_training_benchmark_smoke(tmp_path):
 
 
 def test_saved_activations_benchmark_orders_the_levers():
-    spec = importlib.util.spec_from_file_location("saved_activations", ROOT / "benchmarks" / "saved_activations.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("saved_activations")
     runs = {v: module.child("tiny", 64, 2, v) for v in module.VARIANTS}
     saved = {v: r["saved_gib"] for v, r in runs.items()}
     # every saved byte is attributed to the module that saved it; the lean GEGLU saves no gelu output
@@ -47,7 +35,7 @@ def test_saved_activations_benchmark_orders_the_levers():
 
 
 def test_kernel_profile_reports_steps_and_ops(tmp_path):
-    realscale = _realscale()
+    realscale = load_benchmark("realscale")
     prof = realscale.kernel_profiler(str(tmp_path / "p.txt"))
     a = torch.randn(64, 64)
     for _ in range(realscale.PROFILE_WAIT + realscale.PROFILE_WARMUP + realscale.PROFILE_ACTIVE + 1):
@@ -61,9 +49,7 @@ def test_kernel_profile_reports_steps_and_ops(tmp_path):
 
 
 def test_step_overhead_counts_fewer_calls_for_the_batched_vae(capsys):
-    spec = importlib.util.spec_from_file_location("step_overhead", ROOT / "benchmarks" / "step_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("step_overhead")
     module.main(["--threads", "1", "--batch-size", "8", "--repeats", "1", "--inner", "1"])
     calls = {}
     for line in capsys.readouterr().out.splitlines():

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tiny import load_benchmark
 
 
 def test_pair_shares_reads_each_concept_of_saved_pair_samples(tmp_path):
     from customdiff.toy.concepts import CONCEPTS
     from customdiff.toy.fidelity import Judge
 
-    pair_shares = _load("pair_shares")
+    pair_shares = load_benchmark("pair_shares")
     looks = {c.name: c for c in CONCEPTS}
     rng = np.random.default_rng(0)
     # a fake bench folder: seed 0, joint, the first pair; its "samples" are photos of the first concept only
@@ -45,7 +34,7 @@ def test_pair_shares_reads_each_concept_of_saved_pair_samples(tmp_path):
 def test_words_ceiling_names_the_concept_in_words():
     from customdiff.toy.concepts import CONCEPTS, PAIR_PROMPTS, SINGLE_PROMPTS
 
-    words_ceiling = _load("words_ceiling")
+    words_ceiling = load_benchmark("words_ceiling")
     looks = {c.name: c.look for c in CONCEPTS}
     prompts = words_ceiling.worded_prompts(looks["banded_triangle"])
     assert len(prompts) == len(SINGLE_PROMPTS)

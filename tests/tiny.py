@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -136,3 +137,11 @@ def make_tiny_xl_pipeline(path: Path, seed: int = 0) -> Path:
                                      force_zeros_for_empty_prompt=True, add_watermarker=False)
     pipe.save_pretrained(path)
     return path
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ imported as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

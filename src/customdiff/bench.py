@@ -257,23 +257,29 @@ def cell(m: dict, k: str) -> str:
     return f"{m[k]:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
 
+def _tables(summary: dict) -> tuple[tuple[list[str], list[list[str]]], tuple[list[str], list[list[str]]]]:
+    """The two tables of every report, as (head, rows) of cell strings: per-method means (± std over seeds),
+    then every run."""
+    names = [c.replace("_", " ") for c in METRICS]
+    means = (["method", "entries", "seeds", *names, "trainable params", "delta MB", "train s"],
+             [[m["method"], str(m["entries"]), str(m["seeds"]), *(cell(m, c) for c in METRICS),
+               f"{m['trainable']:.0f}", f"{m['delta_mb']:.3f}", f"{m['train_s']:.0f}"] for m in summary["means"]])
+    runs = (["method", "entry", "seed", *names],
+            [[r["method"], r["entry"], str(r["seed"]),
+              *("n/a" if r.get(c) is None else f"{r[c]:.3f}" for c in METRICS)] for r in summary["rows"]])
+    return means, runs
+
+
+def _md_table(head: list[str], rows: list[list[str]], text_columns: int = 1) -> list[str]:
+    align = ["---"] * text_columns + ["---:"] * (len(head) - text_columns)
+    return ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|", *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def markdown(summary: dict) -> str:
     """Markdown tables: per-method means (± std over seeds), then every run."""
-    cols = ("concept_fidelity", "pair_fidelity", "context_fidelity", "class_leakage", "text_alignment",
-            "image_alignment", "kid_x1000")
-    head = ("| method | entries | seeds | " + " | ".join(c.replace("_", " ") for c in cols)
-            + " | trainable params | delta MB | train s |\n|---|---:|---:|" + "---:|" * (len(cols) + 3))
-    lines = ["## Means per method (± std over seeds)", "", head]
-    for m in summary["means"]:
-        lines.append(f"| {m['method']} | {m['entries']} | {m['seeds']} | "
-                     + " | ".join(cell(m, c) for c in cols)
-                     + f" | {m['trainable']:.0f} | {m['delta_mb']:.3f} | {m['train_s']:.0f} |")
-    lines += ["", "## Every run", "", "| method | entry | seed | " + " | ".join(c.replace("_", " ") for c in cols)
-              + " |", "|---|---|---:|" + "---:|" * len(cols)]
-    for r in summary["rows"]:
-        lines.append(f"| {r['method']} | {r['entry']} | {r['seed']} | "
-                     + " | ".join("n/a" if r.get(c) is None else f"{r[c]:.3f}" for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+    means, runs = _tables(summary)
+    return "\n".join(["## Means per method (± std over seeds)", "", *_md_table(*means), "", "## Every run", "",
+                      *_md_table(*runs, text_columns=2)]) + "\n"
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
@@ -323,15 +329,7 @@ def _html(summary: dict, work: Path) -> str:
            "table{border-collapse:collapse;margin:.5em 0}img{image-rendering:pixelated}"
            "img.t{width:64px;height:64px;margin:1px}img.s{width:64px;height:64px;margin:1px;border:3px solid #ccc}"
            "img.good{border-color:#2a2}img.half{border-color:#e90}img.bad{border-color:#d22}")
-    cols = METRICS
-    means = _table(["method", "entries", "seeds", *(c.replace("_", " ") for c in cols), "trainable params",
-                    "delta MB", "train s"],
-                   [[m["method"], str(m["entries"]), str(m["seeds"]), *(cell(m, c) for c in cols),
-                     f"{m['trainable']:.0f}", f"{m['delta_mb']:.3f}", f"{m['train_s']:.0f}"]
-                    for m in summary["means"]])
-    runs = _table(["method", "entry", "seed", *(c.replace("_", " ") for c in cols)],
-                  [[r["method"], r["entry"], str(r["seed"]),
-                    *("n/a" if r.get(c) is None else f"{r[c]:.3f}" for c in cols)] for r in summary["rows"]])
+    means, runs = (_table(*tab) for tab in _tables(summary))
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>customdiff bench</title>",
              f"<style>{css}</style></head><body><h1>customdiff bench (toy world)</h1>",
              "<h2>Means per method (± std over seeds)</h2>", means,
