@@ -4,9 +4,12 @@
 # the same data and settings. Every run appends one JSON line to $OUT; see docs/performance.md.
 #
 #   bash benchmarks/gpu_table.sh            # everything (about 25 minutes on an H100)
-#   bash benchmarks/gpu_table.sh sd15       # one group: sd15 | levers | example | sd21 | sdxl | core | profile | graphs
+#   bash benchmarks/gpu_table.sh sd15       # one group: sd15 | levers | example | sd21 | sdxl | core | profile | graphs | next
 #   STEPS=150 DIFFUSERS_EXAMPLE=... bash benchmarks/gpu_table.sh core   # one 10-minute device call: the
 #                                           # example, the defaults, lean activations off, checkpointing
+#   STEPS=150 DEADLINE=480 DIFFUSERS_EXAMPLE=... bash benchmarks/gpu_table.sh next   # what is still
+#                                           # unmeasured, most needed first (docs/performance.md)
+# DEADLINE=S: start no run after S seconds of this script, so a call's time limit cuts between runs, not in one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -14,7 +17,9 @@ WORK=${WORK:-/tmp/realscale}
 OUT=${OUT:-benchmarks/results-gpu.jsonl}
 STEPS=${STEPS:-250}
 groups=${*:-sd15 levers example sd21 sdxl}
-run() { "$PY" benchmarks/realscale.py --work "$WORK" --json "$OUT" "$@"; }
+DEADLINE=${DEADLINE:-0}
+late() { [ "$DEADLINE" -gt 0 ] && [ "$SECONDS" -ge "$DEADLINE" ] && echo "skipped after ${SECONDS}s (DEADLINE=$DEADLINE): $*" >&2; }
+run() { late "$@" || "$PY" benchmarks/realscale.py --work "$WORK" --json "$OUT" "$@"; }
 sd15=(--arch sd15 --resolution 512 --batch-size 8 --train-steps "$STEPS")
 for g in $groups; do
   case $g in
@@ -62,12 +67,25 @@ for g in $groups; do
       run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs on --lean-activations off --label graphs-lean-off
       run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs on --label graphs
       "$PY" benchmarks/compare_deltas.py "$OUT" graphs eager ;;
+    next)  # the still unmeasured items, most needed first: the GPU test, the H100 table, checkpointing with
+           # graphs, SDXL with graphs, SD 2.1 at 768 px
+      late graphs test || "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py -k real_cuda_graphs \
+        || echo "graphs: test FAILED" >&2
+      if [ -n "${DIFFUSERS_EXAMPLE:-}" ]; then run "${sd15[@]}" --mixed-precision fp16 --example "$DIFFUSERS_EXAMPLE"; fi
+      run "${sd15[@]}" --mixed-precision fp16 --label graphs
+      run "${sd15[@]}" --mixed-precision fp16 --gradient-checkpointing --cuda-graphs on --label ckpt-graphs
+      run "${sd15[@]}" --mixed-precision fp16 --gradient-checkpointing --label ckpt-eager
+      run --arch sdxl --resolution 1024 --batch-size 2 --train-steps 40 --sample-steps 2 --mixed-precision fp16 \
+        --label sdxl-graphs
+      run --arch sd21 --resolution 768 --batch-size 8 --train-steps 60 --sample-steps 2 --mixed-precision fp16 \
+        --label sd21-graphs
+      "$PY" benchmarks/compare_deltas.py "$OUT" ckpt-graphs ckpt-eager || true ;;
     sd21)
       run --arch sd21 --resolution 768 --batch-size 8 --train-steps "$STEPS" --mixed-precision fp16 ;;
     sdxl)
       run --arch sdxl --resolution 1024 --batch-size 2 --train-steps "$STEPS" --mixed-precision fp16
       run --arch sdxl --resolution 1024 --batch-size 2 --train-steps "$STEPS" --mixed-precision bf16 ;;
-    *) echo "unknown group $g (sd15 | levers | example | sd21 | sdxl | core | profile | graphs)" >&2; exit 2 ;;
+    *) echo "unknown group $g (sd15 | levers | example | sd21 | sdxl | core | profile | graphs | next)" >&2; exit 2 ;;
   esac
 done
 echo "results in $OUT"

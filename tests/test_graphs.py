@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import pytest
 import torch
@@ -24,14 +26,18 @@ def _spec(concept_dirs: dict[str, str]) -> list[ConceptSpec]:
 class FakeCapture:
     """make_graphed_callables' contract, on the CPU: the inputs are copied into static buffers that the replay
     reads, and the output and every input gradient come back in buffers that each replay overwrites (as a CUDA
-    graph's do). Counts captures and replays."""
+    graph's do). A replay runs under the autocast settings of the capture, as a graph replays the kernels
+    captured under them. Counts captures and replays."""
 
-    def __init__(self):
+    def __init__(self, during: Callable[[], AbstractContextManager] = nullcontext):
         self.captures = self.forwards = self.backwards = 0
+        self.during = during  # a context around every pass the graphs hold, forward and backward
 
     def __call__(self, fn, sample_args):
         self.captures += 1
         static = sample_args
+        autocast = {"device_type": "cpu", "dtype": torch.get_autocast_dtype("cpu"),
+                    "enabled": torch.is_autocast_enabled("cpu"), "cache_enabled": torch.is_autocast_cache_enabled()}
         needs = [s.requires_grad for s in static]
         out_buf: list[torch.Tensor] = []
         grad_bufs: list[torch.Tensor | None] = [None] * len(static)
@@ -44,7 +50,7 @@ class FakeCapture:
                 for s, x in zip(static, inputs, strict=True):
                     if s.data_ptr() != x.data_ptr():
                         s.copy_(x)
-                with torch.enable_grad():
+                with torch.enable_grad(), torch.autocast(**autocast), fake.during():
                     out = fn(*static)
                 ctx.out = out
                 if not out_buf:
@@ -56,7 +62,8 @@ class FakeCapture:
             def backward(ctx, grad):
                 fake.backwards += 1
                 wanted = [s for s, n in zip(static, needs, strict=True) if n]
-                grads = iter(torch.autograd.grad(ctx.out, wanted, grad))
+                with fake.during():
+                    grads = iter(torch.autograd.grad(ctx.out, wanted, grad))
                 result = []
                 for i, n in enumerate(needs):
                     if not n:
@@ -73,11 +80,11 @@ class FakeCapture:
 
 
 @pytest.mark.parametrize(("kw", "reason"), [
-    ({"cuda": False}, "needs a CUDA GPU"), ({"checkpointing": True}, "--gradient-checkpointing"),
+    ({"cuda": False}, "needs a CUDA GPU"), ({"checkpoint_reads_rng": True}, "--gradient-checkpointing"),
     ({"compiled": True}, "--compile"), ({"accumulation": 2}, "--gradient-accumulation"),
     ({"processes": 2}, "several processes"), ({}, None)])
 def test_graphs_apply_only_where_they_are_safe(kw, reason):
-    args = {"cuda": True, "checkpointing": False, "compiled": False, "accumulation": 1, "processes": 1, **kw}
+    args = {"cuda": True, "compiled": False, "accumulation": 1, "processes": 1, **kw}
     why = graphs_unusable(**args)
     assert why == reason if reason is None else reason in why
 
@@ -99,6 +106,71 @@ def test_graphed_training_gives_the_eager_delta(tiny_base, concept_dirs, tmp_pat
     for k, v in ref.weights.items():
         torch.testing.assert_close(got.weights[k], v, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(got.tokens["<new1>"], ref.tokens["<new1>"], rtol=1e-5, atol=1e-8)
+
+
+def test_graphs_hold_a_checkpointed_pass_that_reads_no_rng_state(tiny_base, concept_dirs, tmp_path, monkeypatch):
+    """Under --gradient-checkpointing the backward graph holds the blocks' recomputation. A capture forbids
+    reading the RNG state, so the recomputation must not stash or restore it: the stand-in fails the run if it
+    does. The delta is the eager checkpointed one, and `auto` leaves graphs off under checkpointing."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    capturing = {"now": False}
+    real_get_rng_state = torch.get_rng_state
+
+    def get_rng_state() -> torch.Tensor:
+        if capturing["now"]:
+            raise RuntimeError("the RNG state was read during a capture")
+        return real_get_rng_state()
+
+    @contextmanager
+    def capture_rules() -> Iterator[None]:
+        capturing["now"] = True
+        try:
+            yield
+        finally:
+            capturing["now"] = False
+
+    monkeypatch.setattr(torch, "get_rng_state", get_rng_state)
+    fake = FakeCapture(during=capture_rules)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake)
+    calls = {"resnet": 0}
+    real_forward = ResnetBlock2D.forward
+
+    def counted(self, *args, **kwargs):
+        calls["resnet"] += torch.is_grad_enabled()  # the UNet's, not the frozen VAE's (encoded without grad)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResnetBlock2D, "forward", counted)
+    deltas, resnet_calls = {}, {}
+    for name, extra in [("plain", {}), ("eager", {"gradient_checkpointing": True, "cuda_graphs": "off"}),
+                        ("auto", {"gradient_checkpointing": True, "cuda_graphs": "auto"}),
+                        ("graphs", {"gradient_checkpointing": True, "cuda_graphs": "on"})]:
+        if name == "auto":
+            monkeypatch.setattr(train_module, "graphs_unusable", lambda *a: None)
+        calls["resnet"] = 0
+        cfg = TrainConfig(base=tiny_base, out=str(tmp_path / f"{name}.safetensors"), steps=3, batch_size=2,
+                          learning_rate=1e-3, **extra)
+        deltas[name] = load_delta(train(cfg, _spec(concept_dirs), progress=False))
+        resnet_calls[name] = calls["resnet"]
+        if name == "auto":
+            assert fake.captures == 0  # auto: not under checkpointing
+    assert (fake.captures, fake.forwards, fake.backwards) == (1, 3, 3)
+    # checkpointing recomputes blocks in the backward pass, inside the backward graph as in the eager pass
+    assert resnet_calls["eager"] == resnet_calls["graphs"] > resnet_calls["plain"] > 0
+    ref = deltas["eager"]
+    for name in ("plain", "auto", "graphs"):
+        for k, v in ref.weights.items():
+            torch.testing.assert_close(deltas[name].weights[k], v, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(deltas[name].tokens["<new1>"], ref.tokens["<new1>"], rtol=1e-5, atol=1e-8)
+
+
+def test_a_unet_with_dropout_keeps_the_rng_stashing_checkpoint(tiny_base):
+    from customdiff.activations import draws_random_numbers, enable_checkpointing
+
+    unet, _, _ = _tiny_unet(tiny_base)
+    assert not draws_random_numbers(unet) and enable_checkpointing(unet)
+    unet.down_blocks[0].resnets[0].dropout.p = 0.1  # as a UNet trained with dropout would be configured
+    assert draws_random_numbers(unet) and not enable_checkpointing(unet)
 
 
 def test_cuda_graphs_on_the_cpu_train_eagerly_and_on_warns(tiny_base, concept_dirs, tmp_path, caplog):
@@ -185,3 +257,41 @@ def test_real_cuda_graphs_train_the_eager_delta(tiny_base, concept_dirs, tmp_pat
     for k, v in ref.weights.items():
         torch.testing.assert_close(got.weights[k], v, rtol=0, atol=5e-5)
     torch.testing.assert_close(got.tokens["<new1>"], ref.tokens["<new1>"], rtol=0, atol=5e-5)
+
+
+def test_sdxl_steps_all_replay_under_autocast_with_the_cache(tiny_xl_base, concept_dirs, tmp_path, monkeypatch):
+    """SDXL's UNet takes the pooled text projection and time ids too. With bf16 autocast and the text cache
+    (the regularization captions' features read back from it from the second step on), every step's inputs must
+    match the captured ones, so no step falls back to the eager pass (the eighth GPU session's SDXL run did,
+    after its first step); the delta is the eager one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    fake = FakeCapture()
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake)
+    made: list[GraphedUNet] = []
+
+    class Recorded(GraphedUNet):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(train_module, "GraphedUNet", Recorded)
+    deltas = {}
+    for name, mode in [("eager", "off"), ("graphs", "on")]:
+        if name == "graphs":
+            monkeypatch.setattr(train_module, "graphs_unusable", lambda *a: None)
+        AcceleratorState._reset_state(True)  # accelerate keeps one mixed-precision setting per process
+        GradientState._reset_state()
+        cfg = TrainConfig(base=tiny_xl_base, out=str(tmp_path / f"{name}.safetensors"), steps=4, batch_size=2,
+                          learning_rate=1e-3, mixed_precision="bf16", cuda_graphs=mode)
+        deltas[name] = load_delta(train(cfg, _spec(concept_dirs), progress=False))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    assert len(made) == 1 and made[0].eager_calls == 0
+    assert (fake.captures, fake.forwards, fake.backwards) == (1, 4, 4)
+    ref, got = deltas["eager"], deltas["graphs"]
+    assert any(v.abs().sum() > 0 for v in ref.weights.values())
+    for k, v in ref.weights.items():
+        torch.testing.assert_close(got.weights[k], v, rtol=1e-5, atol=1e-8)
+    for token, row in ref.tokens.items():
+        torch.testing.assert_close(got.tokens[token], row, rtol=1e-5, atol=1e-8)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -125,3 +126,27 @@ def lean_activations(unet: nn.Module) -> dict[str, int]:
     log.info("leaner backward: %d frozen convolutions keep no input, %d GEGLU keep no gelu output",
              counts["conv"], counts["geglu"])
     return counts
+
+
+def draws_random_numbers(module: nn.Module) -> bool:
+    """Whether a training pass of `module` draws random numbers: a dropout layer with p > 0."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
+
+
+def _checkpoint_without_rng(block: nn.Module, *args: Any) -> Any:
+    """torch's non-reentrant checkpoint of one block, without stashing and restoring the RNG states."""
+    return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+def enable_checkpointing(unet: nn.Module) -> bool:
+    """Gradient checkpointing for `unet`'s blocks; whether its recomputation is free of RNG state reads.
+
+    diffusers' default checkpoint stashes the CPU and GPU RNG states at every block and restores them for the
+    recomputation, so that dropout draws the same mask twice. A UNet without active dropout (Stable
+    Diffusion's, whose dropout rates are 0) draws nothing, so the states are not read: that saves host work,
+    and a CUDA graph capture, which forbids reading them, can then hold the checkpointed pass (graphs.py)."""
+    if draws_random_numbers(unet):
+        unet.enable_gradient_checkpointing()
+        return False
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=_checkpoint_without_rng)
+    return True

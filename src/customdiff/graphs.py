@@ -17,12 +17,14 @@ log = logging.getLogger(__name__)
 Capture = Callable[[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]], Callable[..., torch.Tensor]]
 
 
-def graphs_unusable(cuda: bool, checkpointing: bool, compiled: bool, accumulation: int, processes: int) -> str | None:
+def graphs_unusable(cuda: bool, compiled: bool, accumulation: int, processes: int,
+                    checkpoint_reads_rng: bool = False) -> str | None:
     """Why `--cuda-graphs` cannot apply to a run, or None when it can."""
     if not cuda:
         return "needs a CUDA GPU"
-    if checkpointing:
-        return "not with --gradient-checkpointing"
+    if checkpoint_reads_rng:
+        # the recomputation restores the RNG state the forward pass stashed; a capture forbids reading it
+        return "not with --gradient-checkpointing on a UNet with dropout"
     if compiled:
         return "not with --compile"
     if accumulation > 1:
@@ -43,7 +45,9 @@ class GraphedUNet:
 
     The first call with gradients enabled captures the forward and backward pass (torch's
     make_graphed_callables: a few eager warm-up passes, then one capture each) under the autocast settings of
-    that call, with autocast's weight cache off as capture requires. Later calls copy their inputs into the
+    that call, with autocast's weight cache off as capture requires. That also keeps the eager pass's rounding:
+    the graph's text-feature input is a leaf, which the cache would cast to the low dtype once for all its uses,
+    summing their gradients in that dtype; the eager pass casts it at each use and sums in float32. Later calls copy their inputs into the
     graph's buffers and replay. The trained tensors (`params`) are the graph's inputs too, so their gradients
     flow to them as in the eager pass; the frozen weights are read in place. A call whose inputs differ from
     the captured ones in shape, dtype, device or requires_grad, or one without gradients, runs eagerly.

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .activations import lean_activations, lean_wanted
+from .activations import enable_checkpointing, lean_activations, lean_wanted
 from .base import base_facts, load_pipeline, trainable_bytes
 from .classimages import default_cache_dir, ensure_class_images
 from .compress import compress_delta
@@ -228,8 +228,9 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
         store_pipeline_frozen(pipe, low, names)
     if lean_wanted(cfg.lean_activations, cuda, cfg.gradient_checkpointing):
         lean_activations(unet)
+    checkpoint_reads_rng = False
     if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        checkpoint_reads_rng = not enable_checkpointing(unet)
         for enc in (text_encoder, text_encoder_2) if text_encoder_2 is not None else (text_encoder,):
             enable = getattr(enc, "activation_checkpointing_enable", None) or enc.gradient_checkpointing_enable
             enable()  # transformers 5 renamed it
@@ -242,9 +243,10 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
                             cache=cfg.cache, vae_call_pixels=vae_call_pixels(cuda, cfg.gradient_checkpointing)
                             ).to(accelerator.device)
     model.train()
-    if cfg.cuda_graphs != "off":
-        why = graphs_unusable(cuda, cfg.gradient_checkpointing, cfg.compile, cfg.gradient_accumulation,
-                              accelerator.num_processes)
+    # auto leaves graphs off under checkpointing: the pair is tested on the CPU only, unmeasured on a GPU
+    if cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and not cfg.gradient_checkpointing):
+        why = graphs_unusable(cuda, cfg.compile, cfg.gradient_accumulation, accelerator.num_processes,
+                              checkpoint_reads_rng)
         if why is None:
             model.graphed_unet = GraphedUNet(unet, list(trainable.values()))
         elif cfg.cuda_graphs == "on":
