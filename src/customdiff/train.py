@@ -251,6 +251,9 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
             model.graphed_unet = GraphedUNet(unet, list(trainable.values()))
         elif cfg.cuda_graphs == "on":
             log.warning("--cuda-graphs %s; the UNet runs eagerly", why)
+    elif cfg.cuda_graphs == "auto" and cuda:
+        log.info("--cuda-graphs auto: off under --gradient-checkpointing (unmeasured there on a GPU; "
+                 "--cuda-graphs on captures the checkpointed pass)")
     params = {**trainable, **{f"<{prefix}>": r.rows for prefix, r in rows_by_side.items()}}
 
     world = accelerator.num_processes
