@@ -447,7 +447,7 @@ def bench(a: argparse.Namespace) -> dict:
                   "initializer": [initializer(base)], "frozen_weights": a.frozen_weights, "cache": a.cache,
                   "prefetch": a.prefetch, "lean_activations": a.lean_activations, "compile": a.compile,
                   "channels_last": a.channels_last, "cudnn_benchmark": a.cudnn_benchmark, "log_every": a.log_every,
-                  "cuda_graphs": a.cuda_graphs}
+                  "cuda_graphs": a.cuda_graphs, "augment": a.augment}
         spec = {"config": config, "photos": str(photos), "class": str(classes), "sample_steps": a.sample_steps,
                 "samples": str(run_dir / "samples"),
                 "profile": str(Path(a.profile).resolve()) if a.profile else None,
@@ -468,7 +468,7 @@ def bench(a: argparse.Namespace) -> dict:
         result = {"program": "customdiff", **json.loads(lines[-1][7:]), "nvidia_smi_peak_gb": gpu.peak,
                   "levers": {k: config[k] for k in ("frozen_weights", "cache", "prefetch", "lean_activations",
                                                     "compile", "channels_last", "cudnn_benchmark", "log_every",
-                                                    "cuda_graphs")},
+                                                    "cuda_graphs", "augment")},
                   "delta": config["out"]}
     row = {**settings, **result, **({"label": a.label} if a.label else {})}
     print(json.dumps(row))
@@ -495,6 +495,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--sample-steps", type=int, default=50, help="steps of the 4 sampled images")
     g.add_argument("--frozen-weights", choices=["auto", "float32"], default="auto")
     g.add_argument("--no-cache", dest="cache", action="store_false")
+    g.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="customdiff's --no-augment (targets: centre square, mirrored or not); not with --example")
     g.add_argument("--prefetch", type=int, default=2)
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--lean-activations", choices=["auto", "on", "off"], default="auto")
@@ -515,6 +517,8 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps(child(json.loads(a.child))), flush=True)
         return
     if a.train_steps:
+        if a.example and not a.augment:
+            ap.error("--no-augment applies to customdiff only; diffusers' example has no such switch")
         bench(a)
         return
     torch.manual_seed(0)

@@ -394,3 +394,42 @@ def test_lean_activations_train_the_same_delta(tiny_base, concept_dirs, tmp_path
     assert len(calls) == 1  # "on" alone swapped the modules
     for k, v in deltas["off"].weights.items():
         torch.testing.assert_close(deltas["on"].weights[k], v, rtol=1e-5, atol=1e-8)
+
+
+def test_targets_without_augmentation_are_keyed_by_their_fixed_pixels(tiny_base, concept_dirs):
+    """Under --no-augment a target photo is its centre square, mirrored or not: each (photo, mirrored) pair
+    names fixed pixels, so its VAE posterior can be cached like a regularization image's. With augmentation
+    targets get no key."""
+    fixed = TrainData(_spec(concept_dirs), 32, 2, augment=False)
+    pixels_by_key: dict = {}
+    for step in range(40):
+        batch = fixed.batch(0, step, 0, 4)
+        for key, px in zip(batch["latent_keys"], batch["pixel_values"], strict=True):
+            assert key is not None
+            if key in pixels_by_key:
+                assert torch.equal(pixels_by_key[key], px)
+            pixels_by_key[key] = px
+    targets = {k for k in pixels_by_key if k[0] == "target"}
+    assert {k[2] for k in targets} == {False, True} and len(targets) <= 2 * len(fixed.instances)
+    a_photo = next(k for k in targets if not k[2])
+    assert torch.equal(pixels_by_key[a_photo].flip(-1), pixels_by_key[("target", a_photo[1], True)])
+    augmented = TrainData(_spec(concept_dirs), 32, 2).batch(0, 0, 0, 4)
+    assert augmented["latent_keys"][:2] == [None, None]
+
+    # training on them: the cached posteriors give the uncached loss and gradients
+    plain, pipe = _tiny_model(tiny_base, cache=False)
+    cached, _ = _tiny_model(tiny_base, cache=True)
+    for step in range(6):
+        batch = fixed.batch(0, step, 0, 4)
+        ids = pipe.tokenizer(batch["prompts"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        out = []
+        for m in (plain, cached):
+            loss = m(batch["pixel_values"], ids, batch["mask"], generator=torch.Generator().manual_seed(step),
+                     latent_keys=batch["latent_keys"])
+            loss.backward()
+            out.append((loss.detach(), m.token_rows.rows.grad.clone()))
+            m.zero_grad(set_to_none=True)
+        torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-4, atol=1e-7)
+    assert any(k[0] == "target" for k in cached.latent_cache)

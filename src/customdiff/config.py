@@ -91,7 +91,8 @@ class TrainConfig:
     prefetch: int = opt(2, "batches prepared ahead in a background thread (0 = on the training thread)",
                         lo=0, hi=64, resume=False)
     cache: bool = opt(True, "reuse what never changes: text features of prompts without a new token, VAE "
-                      "encodings of the (never augmented) regularization images", resume=False)
+                      "encodings of the (never augmented) regularization images and, under --no-augment, of the "
+                      "target photos", resume=False)
     log_every: int = opt(10, "read the loss back (progress bar, divergence check, TensorBoard) every N steps; "
                          "each read waits for the GPU", lo=1, resume=False)
     lean_activations: str = opt("auto", "save less for the backward pass: frozen convolutions keep their weight, "

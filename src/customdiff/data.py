@@ -280,14 +280,21 @@ def augment_sized(im: Image.Image, prompt: str, size: int, factor: int, rng: np.
     the pasted region shrunk by one latent pixel (prompt prefixed "a far away"/"very small" below 0.6 S);
     otherwise rescale to U[1.2 S, 1.4 S] and random-crop, full mask, prefix "zoomed in"/"close up".
     """
+    return _augment_flipped(im, prompt, size, factor, rng, enabled, flip)[:4]
+
+
+def _augment_flipped(im: Image.Image, prompt: str, size: int, factor: int, rng: np.random.Generator,
+                     enabled: bool, flip: bool) -> tuple[torch.Tensor, torch.Tensor, str, torch.Tensor, bool]:
+    """`augment_sized`, and whether the image was mirrored (without augmentation the only thing that varies)."""
     photo = im.size
     im = center_square(im, im.width if im.width == im.height else min(im.size))
-    if flip and rng.random() < 0.5:
+    flipped = bool(flip and rng.random() < 0.5)
+    if flipped:
         im = ImageOps.mirror(im)
     m = size // factor
     if not enabled:
         return (image_to_tensor(im.resize((size, size), Image.BICUBIC)), torch.ones(m, m), prompt,
-                size_and_crop(photo, size, (0, 0), size))
+                size_and_crop(photo, size, (0, 0), size), flipped)
     if rng.random() < 2 / 3:
         scale = int(rng.integers(size // 3, size + 1))
     else:
@@ -314,7 +321,7 @@ def augment_sized(im: Image.Image, prompt: str, size: int, factor: int, rng: np.
         if scale < 0.6 * size:
             prompt = str(rng.choice(FAR_PREFIXES)) + prompt
         ids = size_and_crop(photo, scale, (-top, -left), size)
-    return pixels, mask, prompt, ids
+    return pixels, mask, prompt, ids, flipped
 
 
 class TrainData:
@@ -351,16 +358,18 @@ class TrainData:
         """Batch for one step: half target images, half regularization images (all target without reg).
 
         Keys: pixel_values (B, 3, S, S), mask (B, 1, S/f, S/f), prompts, time_ids (B, 6) (read on SDXL), and
-        latent_keys: for each image, None when it is augmented (targets), else a key naming its fixed pixels
-        (regularization images: never augmented), under which its VAE encoding may be cached."""
+        latent_keys: for each image, None when it is augmented (targets, unless augmentation is off), else a
+        key naming its fixed pixels, under which its VAE encoding may be cached: regularization images are never
+        augmented, and without augmentation a target is its centre square, mirrored or not."""
         rng = np.random.Generator(np.random.PCG64([seed, step, rank]))
         n_inst = batch_size // 2 if self.reg else batch_size
         n_reg = batch_size - n_inst if self.reg else 0
         pixels, masks, prompts, ids = [], [], [], []
-        keys: list[tuple[str, int] | None] = [None] * n_inst
+        keys: list[tuple | None] = []
         for i in rng.choice(len(self.instances), n_inst, replace=n_inst > len(self.instances)):
             im, prompt = self.instances[int(i)]
-            p, m, pr, t = augment_sized(im, prompt, self.size, self.factor, rng, self.augment, self.flip)
+            p, m, pr, t, flipped = _augment_flipped(im, prompt, self.size, self.factor, rng, self.augment, self.flip)
+            keys.append(None if self.augment else ("target", int(i), flipped))
             pixels.append(p)
             masks.append(m)
             prompts.append(pr)

@@ -54,8 +54,9 @@ class CustomDiffusion(nn.Module):
 
     Two caches skip work whose result never changes (`cache=True`): the text features of prompts without a
     new token (the encoders are frozen except the new rows; off when an encoder has active dropout), and the
-    VAE posterior of images the batch marks with a latent key (regularization images, never augmented). The
-    posterior is cached, not a latent: each step still samples it with the step's generator, as without cache.
+    VAE posterior of images the batch marks with a latent key (regularization images, and targets under
+    --no-augment: pixels that never change). The posterior is cached, not a latent: each step still samples it
+    with the step's generator, as without cache.
 
     The VAE encodes the photos one at a time by default: the encoder's full-resolution activations are the
     largest tensors of a step (SD 1.5, 4 images at 512 px in float32: 2.5 GiB at once, 0.8 GiB one by one;
