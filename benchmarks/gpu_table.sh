@@ -20,6 +20,11 @@ groups=${*:-sd15 levers example sd21 sdxl}
 DEADLINE=${DEADLINE:-0}
 late() { [ "$DEADLINE" -gt 0 ] && [ "$SECONDS" -ge "$DEADLINE" ] && echo "skipped after ${SECONDS}s (DEADLINE=$DEADLINE): $*" >&2; }
 run() { late "$@" || "$PY" benchmarks/realscale.py --work "$WORK" --json "$OUT" "$@"; }
+# the tiny pipeline's delta with graphs against the eager one, on the GPU
+graphs_test() {
+  late graphs test || "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py -k real_cuda_graphs \
+    || echo "graphs: test FAILED" >&2
+}
 sd15=(--arch sd15 --resolution 512 --batch-size 8 --train-steps "$STEPS")
 for g in $groups; do
   case $g in
@@ -59,7 +64,7 @@ for g in $groups; do
           --label profile
       fi ;;
     graphs)  # --cuda-graphs: the tiny pipeline's delta against the eager one, then the table's runs alternating
-      "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py -k real_cuda_graphs || echo "graphs: test FAILED" >&2
+      graphs_test
       run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs on --label graphs
       run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs off --label eager
       if [ -n "${DIFFUSERS_EXAMPLE:-}" ]; then run "${sd15[@]}" --mixed-precision fp16 --example "$DIFFUSERS_EXAMPLE"; fi
@@ -69,8 +74,7 @@ for g in $groups; do
       "$PY" benchmarks/compare_deltas.py "$OUT" graphs eager ;;
     next)  # the still unmeasured items, most needed first: the GPU test, the H100 table, checkpointing with
            # graphs, SDXL with graphs, SD 2.1 at 768 px
-      late graphs test || "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py -k real_cuda_graphs \
-        || echo "graphs: test FAILED" >&2
+      graphs_test
       if [ -n "${DIFFUSERS_EXAMPLE:-}" ]; then run "${sd15[@]}" --mixed-precision fp16 --example "$DIFFUSERS_EXAMPLE"; fi
       run "${sd15[@]}" --mixed-precision fp16 --label graphs
       run "${sd15[@]}" --mixed-precision fp16 --gradient-checkpointing --cuda-graphs on --label ckpt-graphs

@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import pytest
 import torch
+from tiny import reset_accelerate
 
 from customdiff import train as train_module
 from customdiff.base import load_pipeline
@@ -264,8 +265,6 @@ def test_sdxl_steps_all_replay_under_autocast_with_the_cache(tiny_xl_base, conce
     (the regularization captions' features read back from it from the second step on), every step's inputs must
     match the captured ones, so no step falls back to the eager pass (the eighth GPU session's SDXL run did,
     after its first step); the delta is the eager one."""
-    from accelerate.state import AcceleratorState, GradientState
-
     fake = FakeCapture()
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake)
     made: list[GraphedUNet] = []
@@ -280,13 +279,11 @@ def test_sdxl_steps_all_replay_under_autocast_with_the_cache(tiny_xl_base, conce
     for name, mode in [("eager", "off"), ("graphs", "on")]:
         if name == "graphs":
             monkeypatch.setattr(train_module, "graphs_unusable", lambda *a: None)
-        AcceleratorState._reset_state(True)  # accelerate keeps one mixed-precision setting per process
-        GradientState._reset_state()
+        reset_accelerate()
         cfg = TrainConfig(base=tiny_xl_base, out=str(tmp_path / f"{name}.safetensors"), steps=4, batch_size=2,
                           learning_rate=1e-3, mixed_precision="bf16", cuda_graphs=mode)
         deltas[name] = load_delta(train(cfg, _spec(concept_dirs), progress=False))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     assert len(made) == 1 and made[0].eager_calls == 0
     assert (fake.captures, fake.forwards, fake.backwards) == (1, 4, 4)
     ref, got = deltas["eager"], deltas["graphs"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import reset_accelerate
 
 from customdiff import model as model_module
 from customdiff import train as train_module
@@ -120,20 +121,12 @@ def test_cached_text_features_keep_each_part_in_its_own_dtype(tiny_base, concept
     assert [t.dtype for t in first] == [t.dtype for t in second] == [torch.float32, torch.bfloat16]
 
 
-def _reset_accelerate() -> None:
-    """accelerate keeps one mixed-precision setting per process: reset it between runs that change it."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.fixture
 def fresh_accelerate():
     """A test that changes --mixed-precision leaves accelerate as it found it."""
-    _reset_accelerate()
+    reset_accelerate()
     yield
-    _reset_accelerate()
+    reset_accelerate()
 
 
 def _relative(d: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
@@ -154,7 +147,7 @@ def test_bf16_frozen_weights_give_a_delta_close_to_float32(tiny_base, concept_di
     runs = {}
     for name, kw in [("fp32", {}), ("bf16_autocast_only", {"mixed_precision": "bf16", "frozen_weights": "float32"}),
                      ("bf16", {"mixed_precision": "bf16"})]:
-        _reset_accelerate()
+        reset_accelerate()
         cfg = TrainConfig(base=tiny_base, out=str(tmp_path / f"{name}.safetensors"), steps=4, batch_size=4,
                           learning_rate=1e-3, **kw)
         runs[name] = load_delta(train(cfg, _spec(concept_dirs), progress=False))
@@ -244,7 +237,7 @@ def test_vae_encodes_up_to_four_512px_images_per_call_on_a_gpu_without_checkpoin
 @pytest.mark.parametrize("owned", [False, True])
 def test_a_pipeline_passed_in_is_stored_low_only_when_owned(tiny_base, concept_dirs, tmp_path, owned,
                                                             fresh_accelerate):
-    _reset_accelerate()
+    reset_accelerate()
     pipe = load_pipeline(tiny_base)
     cfg = TrainConfig(base=tiny_base, out=str(tmp_path / "d.safetensors"), steps=2, batch_size=2,
                       mixed_precision="bf16")

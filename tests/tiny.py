@@ -145,3 +145,11 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def reset_accelerate() -> None:
+    """accelerate keeps one mixed-precision setting per process: reset it between runs that change it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

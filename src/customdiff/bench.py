@@ -11,6 +11,7 @@ for every seed; the tables give the mean and the spread over seeds.
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import logging
@@ -290,8 +291,6 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 def _targets(entry: str) -> str:
     """The entry's target photos inline (they live in the toy assets, outside the bench folder)."""
-    import base64
-
     from .toy import paths
 
     imgs = []
