@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import pytest
 import torch
 from tiny import reset_accelerate
+from torch.autograd.graph import get_gradient_edge
 
 from customdiff import train as train_module
 from customdiff.base import load_pipeline
@@ -226,6 +228,31 @@ def test_inputs_unlike_the_captured_ones_run_eagerly(tiny_base, monkeypatch, cap
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-8)
 
 
+def test_trained_tensors_accumulate_into_nodes_made_before_the_capture(tiny_base):
+    """make_graphed_callables runs its warm-up passes on a side stream; a trained tensor's gradient-accumulation
+    node made there, and kept alive by the graphs, would take each replayed gradient from another stream (torch
+    warns; the eighth GPU session saw it). The nodes are made before the capture, on the training stream, and
+    the replayed backward feeds them (streams exist on a GPU only: there the real test checks the warning)."""
+    unet, params, width = _tiny_unet(tiny_base)
+    fake = FakeCapture()
+    held_at_capture: list[bool] = []
+
+    def capture(fn, args):
+        # strict: no accumulators yet would raise, fail the capture and leave the pass eager
+        held_at_capture.extend(get_gradient_edge(p).node is a
+                               for p, a in zip(args[-len(params):], graphed.accumulators, strict=True))
+        return fake(fn, args)
+
+    graphed = GraphedUNet(unet, params, capture=capture)
+    x = (torch.randn(1, 4, unet.config.sample_size, unet.config.sample_size), torch.tensor([10]),
+         torch.randn(1, 7, width))
+    out = graphed(*x)
+    assert not graphed.failed and fake.forwards == 1
+    assert held_at_capture == [True] * len(params)
+    fed = [n for n, _ in out.grad_fn.next_functions if n is not None]
+    assert all(any(a is n for n in fed) for a in graphed.accumulators)
+
+
 def test_a_failed_capture_falls_back_to_the_eager_pass(tiny_base, caplog):
     unet, params, width = _tiny_unet(tiny_base)
 
@@ -248,7 +275,11 @@ def test_real_cuda_graphs_train_the_eager_delta(tiny_base, concept_dirs, tmp_pat
     for mode in ("off", "on"):
         cfg = TrainConfig(base=tiny_base, out=str(tmp_path / f"{mode}.safetensors"), steps=6, batch_size=2,
                           learning_rate=1e-3, cuda_graphs=mode)
-        deltas[mode] = load_delta(train(cfg, _spec(concept_dirs), progress=False))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            deltas[mode] = load_delta(train(cfg, _spec(concept_dirs), progress=False))
+        # the trained tensors' accumulation nodes are made on the training stream, not the warm-up's
+        assert not [w for w in caught if "AccumulateGrad node's stream" in str(w.message)]
     ref, got = deltas["off"], deltas["on"]
     # Not bit for bit: the GPU's backward kernels sum in an order that varies, and AdamW's first steps move a
     # weight by about lr * sign(gradient), so a near-zero gradient can step the other way. On an H200 (eighth

@@ -62,6 +62,7 @@ class GraphedUNet:
         self.signature: tuple | None = None
         self.failed = False
         self.eager_calls = 0
+        self.accumulators: list = []  # the trained tensors' gradient-accumulation nodes, made before the capture
 
     def eager(self, sample: torch.Tensor, t: torch.Tensor, states: torch.Tensor,
               added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -79,6 +80,11 @@ class GraphedUNet:
         device = args[0].device.type
         # fresh leaf inputs: the graph reads its inputs from these buffers for its whole life
         static = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+        # each trained tensor's gradient accumulator, made here on the training stream and kept alive: the
+        # capture's warm-up passes run on a side stream, and an accumulator made there (which the graphs then
+        # keep alive) would receive every replayed gradient from another stream, a synchronisation per tensor
+        # per step (torch warns of the mismatch once)
+        self.accumulators = [torch.autograd.graph.get_gradient_edge(p).node for p in self.params]
         t0 = time.perf_counter()
         try:
             with torch.autocast(device, dtype=torch.get_autocast_dtype(device),
