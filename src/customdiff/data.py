@@ -280,21 +280,36 @@ def augment_sized(im: Image.Image, prompt: str, size: int, factor: int, rng: np.
     the pasted region shrunk by one latent pixel (prompt prefixed "a far away"/"very small" below 0.6 S);
     otherwise rescale to U[1.2 S, 1.4 S] and random-crop, full mask, prefix "zoomed in"/"close up".
     """
-    return _augment_flipped(im, prompt, size, factor, rng, enabled, flip)[:4]
-
-
-def _augment_flipped(im: Image.Image, prompt: str, size: int, factor: int, rng: np.random.Generator,
-                     enabled: bool, flip: bool) -> tuple[torch.Tensor, torch.Tensor, str, torch.Tensor, bool]:
-    """`augment_sized`, and whether the image was mirrored (without augmentation the only thing that varies)."""
-    photo = im.size
-    im = center_square(im, im.width if im.width == im.height else min(im.size))
     flipped = bool(flip and rng.random() < 0.5)
-    if flipped:
-        im = ImageOps.mirror(im)
-    m = size // factor
     if not enabled:
-        return (image_to_tensor(im.resize((size, size), Image.BICUBIC)), torch.ones(m, m), prompt,
-                size_and_crop(photo, size, (0, 0), size), flipped)
+        return unaugmented(im.size, prompt, size, factor, fixed_target(im, size, flipped))
+    return _augmented(im, prompt, size, factor, rng, flipped)
+
+
+def _square(im: Image.Image, flipped: bool) -> Image.Image:
+    """The photo's centre square at its own resolution, mirrored when `flipped`."""
+    im = center_square(im, im.width if im.width == im.height else min(im.size))
+    return ImageOps.mirror(im) if flipped else im
+
+
+def fixed_target(im: Image.Image, size: int, flipped: bool) -> Image.Image:
+    """A target photo without augmentation: its centre square, mirrored when `flipped`, resized to `size`."""
+    return _square(im, flipped).resize((size, size), Image.BICUBIC)
+
+
+def unaugmented(photo: tuple[int, int], prompt: str, size: int, factor: int, square: Image.Image
+                ) -> tuple[torch.Tensor, torch.Tensor, str, torch.Tensor]:
+    """`augment_sized`'s result for a `fixed_target` square of a photo of size `photo`: full mask, prompt as is."""
+    m = size // factor
+    return image_to_tensor(square), torch.ones(m, m), prompt, size_and_crop(photo, size, (0, 0), size)
+
+
+def _augmented(im: Image.Image, prompt: str, size: int, factor: int, rng: np.random.Generator,
+               flipped: bool) -> tuple[torch.Tensor, torch.Tensor, str, torch.Tensor]:
+    """`augment_sized` with augmentation, after the mirroring draw."""
+    photo = im.size
+    im = _square(im, flipped)
+    m = size // factor
     if rng.random() < 2 / 3:
         scale = int(rng.integers(size // 3, size + 1))
     else:
@@ -321,7 +336,7 @@ def _augment_flipped(im: Image.Image, prompt: str, size: int, factor: int, rng: 
         if scale < 0.6 * size:
             prompt = str(rng.choice(FAR_PREFIXES)) + prompt
         ids = size_and_crop(photo, scale, (-top, -left), size)
-    return pixels, mask, prompt, ids, flipped
+    return pixels, mask, prompt, ids
 
 
 class TrainData:
@@ -334,6 +349,7 @@ class TrainData:
         self.instances: list[tuple[Image.Image, str]] = []
         self.reg: list[tuple[Image.Image, str]] = []
         self._reg_squares: dict[int, Image.Image] = {}  # index -> its S x S centre square (reg images never change)
+        self._target_squares: dict[tuple[int, bool], Image.Image] = {}  # without augmentation: (index, mirrored)
         cache = cache if cache is not None else {}
 
         def get(p: Path) -> Image.Image:
@@ -368,8 +384,16 @@ class TrainData:
         keys: list[tuple | None] = []
         for i in rng.choice(len(self.instances), n_inst, replace=n_inst > len(self.instances)):
             im, prompt = self.instances[int(i)]
-            p, m, pr, t, flipped = _augment_flipped(im, prompt, self.size, self.factor, rng, self.augment, self.flip)
-            keys.append(None if self.augment else ("target", int(i), flipped))
+            flipped = bool(self.flip and rng.random() < 0.5)  # the draw augment_sized makes first
+            if self.augment:
+                p, m, pr, t = _augmented(im, prompt, self.size, self.factor, rng, flipped)
+                keys.append(None)
+            else:  # the same pixels every time it is drawn: resized once
+                key = (int(i), flipped)
+                if key not in self._target_squares:
+                    self._target_squares[key] = fixed_target(im, self.size, flipped)
+                p, m, pr, t = unaugmented(im.size, prompt, self.size, self.factor, self._target_squares[key])
+                keys.append(("target", *key))
             pixels.append(p)
             masks.append(m)
             prompts.append(pr)
