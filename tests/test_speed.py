@@ -96,6 +96,8 @@ def test_feature_caches_give_the_same_loss_and_gradients(tiny_base, concept_dirs
         results.append((loss.detach(), grads))
     # only the class caption is cached (its features never change), never a prompt holding <new1>
     assert len(cached.text_cache) == 1 and len(cached.latent_cache) == 2
+    # the VAE's count: 4 images, then only the 2 augmented photos once the class images are cached
+    assert plain.vae_images == 4 and cached.vae_images == 4 + 2
     assert all(not torch.isin(torch.tensor(k), cached._new_ids).any() for k in cached.text_cache)
     # batch-size-dependent summation order in the encoders is all that may differ: float32 rounding
     for loss, grads in results[1:]:
@@ -207,6 +209,7 @@ def test_timings_are_reported(tiny_base, concept_dirs, tmp_path):
     assert timings["steps_after_first"] == 2 and timings["first_step_s"] >= timings["setup_s"] > 0
     assert 0 < timings["checked_at_s"] <= timings["loaded_at_s"] <= timings["prepared_at_s"] <= timings["setup_s"]
     assert timings["steps_per_s"] > 0 and 0 <= timings["data_wait_share"] < 1
+    assert 3 < timings["vae_images"] <= 6  # each step's photo, and each class image once
 
 
 def test_vae_encodes_one_by_one_or_all_at_once_with_the_same_result(tiny_base):
@@ -406,6 +409,9 @@ def test_targets_without_augmentation_are_keyed_by_their_fixed_pixels(tiny_base,
     assert {k[2] for k in targets} == {False, True} and len(targets) <= 2 * len(fixed.instances)
     a_photo = next(k for k in targets if not k[2])
     assert torch.equal(pixels_by_key[a_photo].flip(-1), pixels_by_key[("target", a_photo[1], True)])
+    # the photo's centre square at 32 px, resized once per (photo, mirrored) however often it is drawn
+    assert torch.equal(pixels_by_key[a_photo], image_to_tensor(center_square(fixed.instances[a_photo[1]][0], 32)))
+    assert len(fixed._target_squares) == len(targets)
     augmented = TrainData(_spec(concept_dirs), 32, 2).batch(0, 0, 0, 4)
     assert augmented["latent_keys"][:2] == [None, None]
 

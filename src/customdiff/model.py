@@ -80,6 +80,7 @@ class CustomDiffusion(nn.Module):
         self.text_cache: dict[Hashable, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.latent_cache: dict[Hashable, torch.Tensor] = {}
         self._cached_bytes = 0
+        self.vae_images = 0  # images the VAE encoded (a cached posterior is not counted)
         new = [i for r in (token_rows, token_rows_2) if r is not None for i in r.token_ids]
         self._new_ids = torch.tensor(sorted(set(new)), dtype=torch.long)
         self.graphed_unet: GraphedUNet | None = None  # set by training under --cuda-graphs
@@ -136,6 +137,7 @@ class CustomDiffusion(nn.Module):
     @torch.no_grad()
     def _moments(self, pixels: torch.Tensor) -> torch.Tensor:
         """The VAE posterior's parameters (B, 2 * 4, h, w): mean and log-variance."""
+        self.vae_images += pixels.shape[0]
         # a float32 VAE that asks for upcasting (SDXL's overflows in float16) encodes outside fp16 autocast
         upcast = self.vae.dtype == torch.float32 and getattr(self.vae.config, "force_upcast", False)
         per_call = max(1, self.vae_call_pixels // (pixels.shape[-2] * pixels.shape[-1]))

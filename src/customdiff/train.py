@@ -165,7 +165,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     mixed-precision dtype, as in a pipeline `train` loads itself; otherwise they keep their dtypes.
     `callback(step, loss)` runs after each step; while it runs, `pipe` samples with the weights and token rows
     trained so far. When it returns True, a checkpoint of that step is saved and TrainingStopped is raised.
-    `timings`, when given, receives the loop's clock readings (see _Clock: first step, steady rate, data wait).
+    `timings`, when given, receives the loop's clock readings (see _Clock: first step, steady rate, data wait)
+    and vae_images, the images the VAE encoded (those the cache held are not counted).
     """
     from accelerate import Accelerator
 
@@ -327,6 +328,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
         batches.close()
         torch.backends.cudnn.benchmark = benchmark
         clock.done()
+        if timings is not None:
+            timings["vae_images"] = float(model.vae_images)
     bar.close()
     for h in hooks:
         h.remove()
