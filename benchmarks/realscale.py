@@ -300,6 +300,89 @@ def write_kernel_profile(prof, path: str) -> None:
     Path(path).write_text(head + events.table(sort_by=key, row_limit=60, max_name_column_width=70) + "\n")
 
 
+class Phases:
+    """Where a training step's time goes, by phase: the UNet's forward pass, the backward pass, the VAE's
+    encoder, the text encoders and the optimizer, timed around each call (synchronising a GPU at each edge, so
+    not a run to read the rate from; under CUDA graphs the replayed UNet is not a module call and goes
+    uncounted). Seconds per step over the steps after the first, and the rest of a step as `other`."""
+
+    NAMES = ("unet_forward", "backward", "vae_encode", "text_encode", "optimizer")
+    MODULES = {"UNet2DConditionModel": "unet_forward", "Encoder": "vae_encode", "CLIPTextModel": "text_encode",
+               "CLIPTextModelWithProjection": "text_encode"}
+
+    def __init__(self) -> None:
+        self.total = dict.fromkeys(self.NAMES, 0.0)
+        self.open: dict[int, float] = {}
+        self.handles: list = []
+        self.backward = torch.Tensor.backward
+        self.t_first = self.t_last = 0.0
+        self.steps = 0
+
+    @staticmethod
+    def _now() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _phase(self, module: torch.nn.Module) -> str | None:
+        name = type(module).__name__
+        if name == "Encoder" and not type(module).__module__.startswith("diffusers"):
+            return None
+        return self.MODULES.get(name)
+
+    def install(self) -> None:
+        """Hook every module call, every backward pass and every optimizer step of this process."""
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        def pre(module, args):
+            if self._phase(module):
+                self.open[id(module)] = self._now()
+
+        def post(module, args, out):
+            phase = self._phase(module)
+            if phase and id(module) in self.open:
+                self.total[phase] += self._now() - self.open.pop(id(module))
+
+        self.handles = [
+            register_module_forward_pre_hook(pre), register_module_forward_hook(post),
+            register_optimizer_step_pre_hook(lambda opt, args, kwargs: self.open.__setitem__(id(opt), self._now())),
+            register_optimizer_step_post_hook(
+                lambda opt, args, kwargs: self.total.__setitem__(
+                    "optimizer", self.total["optimizer"] + self._now() - self.open.pop(id(opt))))]
+        self.backward = backward = torch.Tensor.backward
+
+        def timed(tensor, *args, **kwargs):
+            t = self._now()
+            out = backward(tensor, *args, **kwargs)
+            self.total["backward"] += self._now() - t
+            return out
+
+        torch.Tensor.backward = timed
+
+    def remove(self) -> None:
+        """Undo `install` (sampling after training is not counted)."""
+        for h in self.handles:
+            h.remove()
+        torch.Tensor.backward = self.backward
+
+    def step(self, step: int) -> None:
+        """Step `step` ended: the first one starts the count."""
+        self.t_last, self.steps = self._now(), step
+        if step == 1:
+            self.t_first = self.t_last
+            self.total = dict.fromkeys(self.total, 0.0)
+
+    def per_step(self) -> dict[str, float]:
+        """Seconds per step of each phase, and of the rest (`other`), over the steps after the first."""
+        n = self.steps - 1
+        if n < 1:
+            return {}
+        out = {k: v / n for k, v in self.total.items()}
+        out["other"] = (self.t_last - self.t_first) / n - sum(out.values())
+        return out
+
+
 def child(spec: dict) -> dict:
     """In this process: `customdiff train` with the spec's settings, then `customdiff sample`; the numbers."""
     from customdiff.cli import main as cli
@@ -331,12 +414,24 @@ def child(spec: dict) -> dict:
         def callback(step: int, loss: float) -> None:
             """Advance the profiler's schedule (reading the loss syncs, as the window needs)."""
             prof.step()
+    phases = Phases() if spec.get("phases") else None
+    if phases is not None:
+        phases.install()
+        inner = callback
+
+        def callback(step: int, loss: float) -> None:
+            """Count the phases from the first step on."""
+            if inner is not None:
+                inner(step, loss)
+            phases.step(step)
     setup = cProfile.Profile() if spec.get("cprofile") else None
     t0 = time.perf_counter()
     if setup is not None:
         setup.enable()
     train(cfg, [concept], progress=False, timings=timings, callback=callback)
     trained = time.perf_counter()
+    if phases is not None:
+        phases.remove()
     if setup is not None:
         setup.disable()
         setup.dump_stats(spec["cprofile"])
@@ -354,6 +449,7 @@ def child(spec: dict) -> dict:
               "--out", spec["samples"]])
     return {**timings, "whole_run_s": whole, "process_s": trained - STARTED, "peak_gb": peak, "peak_kind": kind,
             "rss_after_steps_gb": max(resident) if resident else None, "cuda_graphs_log": graph_log,
+            **({"phases_s_per_step": phases.per_step()} if phases is not None else {}),
             "sample_s": time.perf_counter() - t1 if rc == 0 else float("nan"), "sample_dtype": dtype}
 
 
@@ -451,7 +547,7 @@ def bench(a: argparse.Namespace) -> dict:
         spec = {"config": config, "photos": str(photos), "class": str(classes), "sample_steps": a.sample_steps,
                 "samples": str(run_dir / "samples"),
                 "profile": str(Path(a.profile).resolve()) if a.profile else None,
-                "cprofile": str(Path(a.cprofile).resolve()) if a.cprofile else None}
+                "cprofile": str(Path(a.cprofile).resolve()) if a.cprofile else None, "phases": a.phases}
         print("$ customdiff train --base {base} --concept {photos} --reg-dir {classes} --instance-prompt '{ip}' "
               "--class-prompt '{cp}' --steps {steps} --batch-size {b} --resolution {r} --mixed-precision {mp}{gc} "
               "--out {out}".format(base=base, photos=photos, classes=classes, ip=INSTANCE_PROMPT, cp=CLASS_PROMPT,
@@ -511,6 +607,9 @@ def main(argv: list[str] | None = None) -> None:
                    "reading each step's loss syncs the device, so the run's own rate is not a benchmark)")
     g.add_argument("--cprofile", metavar="FILE", help="write a cProfile of the whole train() call (its setup: "
                    "imports, loading, checks); not with the example")
+    g.add_argument("--phases", action="store_true", help="time each phase of a step (UNet forward, backward, VAE "
+                   "encoder, text encoders, optimizer; a GPU is synchronised at each edge, so the run's own rate is "
+                   "not a benchmark); not with the example")
     g.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -519,6 +618,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.train_steps:
         if a.example and not a.augment:
             ap.error("--no-augment applies to customdiff only; diffusers' example has no such switch")
+        if a.example and a.phases:
+            ap.error("--phases times customdiff's steps only")
         bench(a)
         return
     torch.manual_seed(0)

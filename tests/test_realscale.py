@@ -13,11 +13,16 @@ def test_realscale_training_benchmark_smoke(tmp_path):
     out = tmp_path / "rows.jsonl"
     # the tiny network of SD 1.5's shape: SD 1.5 itself takes ~10 s a step here, too slow for the suite
     realscale.main(["--arch", "tiny", "--train-steps", "2", "--resolution", "64", "--batch-size", "2",
-                    "--sample-steps", "2", "--work", str(tmp_path / "work"), "--json", str(out)])
+                    "--sample-steps", "2", "--work", str(tmp_path / "work"), "--json", str(out), "--phases"])
     row = json.loads(out.read_text().splitlines()[-1])
     assert row["program"] == "customdiff" and row["steps"] == 2 and row["peak_kind"] == "peak_rss"
     for key in ("first_step_s", "steps_per_s", "whole_run_s", "process_s", "peak_gb", "data_wait_share", "sample_s"):
         assert row[key] == row[key] and row[key] > 0 or key == "data_wait_share", key  # numbers, not NaN
+    assert 2 < row["vae_images"] <= 4  # each step's photo; each class image once
+    # the second step, by phase: each one ran, and together they are the step
+    phases = row["phases_s_per_step"]
+    assert all(phases[k] > 0 for k in ("unet_forward", "backward", "vae_encode", "text_encode", "optimizer"))
+    assert sum(phases.values()) > 0 and phases["other"] > -1e-3, phases
     assert len(list((tmp_path / "work").glob("tiny-64px-*/samples/*.png"))) >= 4
 
 
