@@ -282,7 +282,7 @@ def augment_sized(im: Image.Image, prompt: str, size: int, factor: int, rng: np.
     """
     flipped = bool(flip and rng.random() < 0.5)
     if not enabled:
-        return unaugmented(im.size, prompt, size, factor, fixed_target(im, size, flipped))
+        return _unaugmented(im.size, prompt, size, factor, _fixed_target(im, size, flipped))
     return _augmented(im, prompt, size, factor, rng, flipped)
 
 
@@ -292,14 +292,14 @@ def _square(im: Image.Image, flipped: bool) -> Image.Image:
     return ImageOps.mirror(im) if flipped else im
 
 
-def fixed_target(im: Image.Image, size: int, flipped: bool) -> Image.Image:
+def _fixed_target(im: Image.Image, size: int, flipped: bool) -> Image.Image:
     """A target photo without augmentation: its centre square, mirrored when `flipped`, resized to `size`."""
     return _square(im, flipped).resize((size, size), Image.BICUBIC)
 
 
-def unaugmented(photo: tuple[int, int], prompt: str, size: int, factor: int, square: Image.Image
+def _unaugmented(photo: tuple[int, int], prompt: str, size: int, factor: int, square: Image.Image
                 ) -> tuple[torch.Tensor, torch.Tensor, str, torch.Tensor]:
-    """`augment_sized`'s result for a `fixed_target` square of a photo of size `photo`: full mask, prompt as is."""
+    """`augment_sized`'s result for a `_fixed_target` square of a photo of size `photo`: full mask, prompt as is."""
     m = size // factor
     return image_to_tensor(square), torch.ones(m, m), prompt, size_and_crop(photo, size, (0, 0), size)
 
@@ -391,8 +391,8 @@ class TrainData:
             else:  # the same pixels every time it is drawn: resized once
                 key = (int(i), flipped)
                 if key not in self._target_squares:
-                    self._target_squares[key] = fixed_target(im, self.size, flipped)
-                p, m, pr, t = unaugmented(im.size, prompt, self.size, self.factor, self._target_squares[key])
+                    self._target_squares[key] = _fixed_target(im, self.size, flipped)
+                p, m, pr, t = _unaugmented(im.size, prompt, self.size, self.factor, self._target_squares[key])
                 keys.append(("target", *key))
             pixels.append(p)
             masks.append(m)
