@@ -280,10 +280,15 @@ def augment_sized(im: Image.Image, prompt: str, size: int, factor: int, rng: np.
     the pasted region shrunk by one latent pixel (prompt prefixed "a far away"/"very small" below 0.6 S);
     otherwise rescale to U[1.2 S, 1.4 S] and random-crop, full mask, prefix "zoomed in"/"close up".
     """
-    flipped = bool(flip and rng.random() < 0.5)
+    flipped = _draw_mirror(rng, flip)
     if not enabled:
         return _unaugmented(im.size, prompt, size, factor, _fixed_target(im, size, flipped))
     return _augmented(im, prompt, size, factor, rng, flipped)
+
+
+def _draw_mirror(rng: np.random.Generator, flip: bool) -> bool:
+    """Whether to mirror a target photo: the first draw of its augmentation (none when flips are off)."""
+    return bool(flip and rng.random() < 0.5)
 
 
 def _square(im: Image.Image, flipped: bool) -> Image.Image:
@@ -384,7 +389,7 @@ class TrainData:
         keys: list[tuple | None] = []
         for i in rng.choice(len(self.instances), n_inst, replace=n_inst > len(self.instances)):
             im, prompt = self.instances[int(i)]
-            flipped = bool(self.flip and rng.random() < 0.5)  # the draw augment_sized makes first
+            flipped = _draw_mirror(rng, self.flip)
             if self.augment:
                 p, m, pr, t = _augmented(im, prompt, self.size, self.factor, rng, flipped)
                 keys.append(None)
