@@ -11,10 +11,11 @@ The training benchmark builds (once, cached under --work) the pipeline and synth
 then runs `customdiff train` in a fresh child process (so peak memory is that run's alone) and prints: time to
 first step, steps/s after it, whole-run time, peak memory (torch.cuda.max_memory_allocated on a GPU, peak RSS
 on the CPU), the share of a step spent waiting for data, and the time of `customdiff sample` for 4 images at
-50 steps; `--json FILE` appends the numbers as one JSON line. `--arch tiny` is a small network of SD 1.5's
-shape with CLIP's vocabulary size, for smoke tests. `--example SCRIPT` runs diffusers'
-examples/custom_diffusion/train_custom_diffusion.py on the same data and settings instead (whole run, and peak
-GPU memory from nvidia-smi).
+50 steps; `--json FILE` appends the numbers as one JSON line (with vae_images, the images the VAE encoded, and
+with `--phases` the seconds per step of the UNet's forward, the backward, the VAE, the text encoders and the
+optimizer). `--arch tiny` is a small network of SD 1.5's shape with CLIP's vocabulary size, for smoke tests.
+`--example SCRIPT` runs diffusers' examples/custom_diffusion/train_custom_diffusion.py on the same data and
+settings instead (whole run, and peak GPU memory from nvidia-smi).
 
 The images are noise (random weights); this measures sizes, memory and speed, never quality. Expected sizes:
 UNet SD1.5 859.5M, SD2.1 865.9M, SDXL 2,567M parameters; attn2 K/V SD1.5 19,169,280 (16 layers), SD2.1
