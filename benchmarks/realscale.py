@@ -315,7 +315,7 @@ class Phases:
         self.total = dict.fromkeys(self.NAMES, 0.0)
         self.open: dict[int, float] = {}
         self.handles: list = []
-        self.backward = torch.Tensor.backward
+        self.backward = torch.Tensor.backward  # the original, which `remove` puts back
         self.t_first = self.t_last = 0.0
         self.steps = 0
 
@@ -351,7 +351,7 @@ class Phases:
             register_optimizer_step_post_hook(
                 lambda opt, args, kwargs: self.total.__setitem__(
                     "optimizer", self.total["optimizer"] + self._now() - self.open.pop(id(opt))))]
-        self.backward = backward = torch.Tensor.backward
+        backward = self.backward
 
         def timed(tensor, *args, **kwargs):
             t = self._now()

@@ -47,10 +47,11 @@ class GraphedUNet:
     make_graphed_callables: a few eager warm-up passes, then one capture each) under the autocast settings of
     that call, with autocast's weight cache off as capture requires. That also keeps the eager pass's rounding:
     the graph's text-feature input is a leaf, which the cache would cast to the low dtype once for all its uses,
-    summing their gradients in that dtype; the eager pass casts it at each use and sums in float32. Later calls copy their inputs into the
-    graph's buffers and replay. The trained tensors (`params`) are the graph's inputs too, so their gradients
-    flow to them as in the eager pass; the frozen weights are read in place. A call whose inputs differ from
-    the captured ones in shape, dtype, device or requires_grad, or one without gradients, runs eagerly.
+    summing their gradients in that dtype; the eager pass casts it at each use and sums in float32. Later calls
+    copy their inputs into the graph's buffers and replay. The trained tensors (`params`) are the graph's inputs
+    too, so their gradients flow to them as in the eager pass; the frozen weights are read in place. A call whose
+    inputs differ from the captured ones in shape, dtype, device or requires_grad, or one without gradients,
+    runs eagerly.
     The trained tensors must keep their storage (in-place updates only, as the optimizers make).
     """
 
