@@ -96,3 +96,11 @@ def test_list_images_errors(tmp_path):
     (tmp_path / "notes.md").write_text("hi")
     with pytest.raises(UserError, match="notes.md: not an image"):
         list_images(tmp_path)
+
+
+def test_list_images_skips_what_the_system_writes(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    for name in ("Thumbs.db", "desktop.ini", ".DS_Store", "Icon\r"):
+        (tmp_path / name).write_bytes(b"\0")
+    (tmp_path / "album").mkdir()
+    assert list_images(tmp_path) == [tmp_path / "x.png"]

@@ -190,6 +190,35 @@ def _import_nan(env: Env) -> list[str]:
     return ["import", str(f), "--base", env.base, "-o", str(env.tmp / "out" / "i.safetensors")]
 
 
+class _RunsCode:
+    """Pickles as a call of os.system that makes `path`: what a hostile .ckpt holds (loading must refuse, not run)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def _import_code(env: Env) -> list[str]:
+    f = env.tmp / "delta.ckpt"
+    torch.save({"state_dict": _RunsCode(env.tmp / "PWNED")}, f)  # the left-behind-files check would see it
+    return ["import", str(f), "--base", env.base, "-o", str(env.tmp / "out" / "i.safetensors")]
+
+
+def _merge_onto_input(env: Env) -> list[str]:
+    other = env.tmp / "other.safetensors"
+    other.write_bytes(env.delta.read_bytes())
+    return ["merge", str(env.delta), str(other), "--base", env.base, "-o", str(other)]
+
+
+def _one_photo(env: Env) -> str:
+    d = _copy_concept(env)
+    for p in sorted(d.iterdir())[1:]:
+        p.unlink()
+    return str(d)
+
+
 def _dataset(env: Env, entries: list) -> list[str]:
     f = env.tmp / "dataset.json"
     f.write_text(json.dumps(entries))
@@ -241,6 +270,14 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
      "fake.png: not a readable image"),
     ("empty-jpg", lambda e: _train(e, concept=_with_file(e, "empty.jpg", b"")), 2, "empty.jpg: not a readable image"),
     ("non-image-file", lambda e: _train(e, concept=_with_file(e, "notes.doc", b"x")), 2, "notes.doc: not an image"),
+    ("reg-dir-empty", lambda e: (e.tmp / "noreg").mkdir() or _train(e, reg=str(e.tmp / "noreg")), 2,
+     "add images of the class (or leave out --reg-dir"),
+    ("reg-dir-is-the-concept", lambda e: _train(e, reg=e.concept), 2, "is the concept's own photo folder"),
+    ("logdir-is-a-file", lambda e: (e.tmp / "logs").write_text("x") and _train(e, "--logdir", str(e.tmp / "logs")),
+     2, "exists and is a file"),
+    ("device-unknown", lambda e: _sample(e, "--device", "tpu"), 2, "--device tpu: not a device"),
+    ("merge-onto-an-input", _merge_onto_input, 2, "is one of the input deltas"),
+    ("import-pickled-code", _import_code, 2, "which is code, not a tensor"),
     ("concept-folder-missing", lambda e: _train(e, concept=str(e.tmp / "nope")), 2, "no such image folder"),
     ("concept-folder-empty", lambda e: (e.tmp / "empty").mkdir() or _train(e, concept=str(e.tmp / "empty")), 2,
      "contains no images"),
@@ -297,6 +334,9 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
     # accepted, with one warning
     ("tiny-photo", lambda e: _train(e, concept=_tiny_photo(e)), 0, "1x1 is smaller than the training resolution 32"),
     ("reg-without-captions", _reg_no_captions, 0, "6 of 6 images have no caption"),
+    ("one-photo", lambda e: _train(e, concept=_one_photo(e)), 0, "1 photo of the concept; Custom Diffusion is made for"),
+    ("compress-grows", lambda e: ["compress", str(e.delta), "--rank", "1000", "-o", str(e.tmp / "c.safetensors")], 0,
+     "is not smaller than the full one"),
     ("animated-gif", lambda e: _train(e, concept=_animated(e)), 0, "animated (3 frames); using the first frame"),
     ("out-folder-created", lambda e: _train(e, out=str(e.tmp / "new" / "deeper" / "d.safetensors")), 0,
      "created the output folder"),
@@ -400,6 +440,23 @@ def test_sampling_guard_refuses_nan_latents(tiny_base, tmp_path):
     with pytest.raises(NonFiniteError, match="NaN or infinite latents at step 1"):
         sample_to_dir(pipe, ["a cat", "a dog"], out, n=1, steps=2, progress=False)
     assert not out.exists()  # no black images left behind
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["sample", "--device", "cuda"], "--device cuda: this machine has no CUDA GPUs; use cpu"),
+    (["sample", "--device", "cuda:1"], "--device cuda:1: this machine has no CUDA GPUs"),
+    (["train", "--mixed-precision", "fp16"], "--mixed-precision fp16: needs a GPU and this machine has none"),
+])
+def test_what_this_machine_lacks_is_refused(argv, needle, tiny_base, concept_dirs, valid_delta, tmp_path, capsys,
+                                            monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    env = Env(tiny_base, concept_dirs["a"], concept_dirs["reg"], valid_delta, tmp_path)
+    full = _sample(env, *argv[1:]) if argv[0] == "sample" else _train(env, *argv[1:])
+    assert main(["-q", *full]) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1 and needle in lines[0], lines
+    assert not _files(tmp_path)
 
 
 def test_sampling_matches_stock_pipeline(tiny_base):

@@ -26,6 +26,27 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(value: str | None) -> str:
+    """The --device value, refused in one line unless this machine has it; left out (None), the default."""
+    if value is None:
+        return default_device()
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {value}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise UserError(f"--device {value}: this machine has {count or 'no'} CUDA GPU{'s' * (count != 1)}; "
+                            "use cpu or leave --device out")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {value}: this machine has no Apple GPU (mps); use cpu or leave --device out")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {value}: not supported; use cpu, cuda or cuda:N")
+    return value
+
+
 def resolve_base(base: str) -> str:
     """Map `toy` to the shipped toy pipeline folder; return local folders and hub ids unchanged."""
     if base == "toy":

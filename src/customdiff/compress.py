@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .delta import Delta
 from .errors import UserError
+from .validate import warn
 
 log = logging.getLogger(__name__)
 
@@ -61,4 +62,8 @@ def compress_delta(delta: Delta, energy: float | None = None, rank: int | None =
     log.info("compressed %d matrices to ranks %d-%d: %.1f KiB -> %.1f KiB (%.1f%%)", len(ranks),
              min(ranks.values(), default=0), max(ranks.values(), default=0), before / 1024, after / 1024,
              100.0 * after / max(before, 1))
+    if after >= before:
+        warn(f"the compressed delta ({after / 1024:.1f} KiB) is not smaller than the full one ({before / 1024:.1f} "
+             "KiB): rank-r factors hold r x (rows + columns) numbers, more than the matrix itself at high ranks; "
+             "choose a smaller --rank or --energy")
     return out

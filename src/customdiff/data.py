@@ -31,6 +31,9 @@ T = TypeVar("T")
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_EXTS = {".txt"}
+# files that Windows and macOS write into photo folders by themselves (hidden dot-files are skipped as well)
+MIN_PHOTOS = 3  # below this a warning: the method is made for 4-20 photos (the web app refuses fewer than 3)
+SYSTEM_FILES = {"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r"}
 FAR_PREFIXES = ("a far away ", "very small ")
 NEAR_PREFIXES = ("zoomed in ", "close up ")
 
@@ -62,13 +65,14 @@ def load_image(path: Path, min_side: int = 0) -> Image.Image:
     return open_image(path, min_side)
 
 
-def list_images(folder: Path, allow_captions: bool = False) -> list[Path]:
-    """Image files of a folder, sorted; any other file (except caption .txt when allowed) is an error."""
+def list_images(folder: Path, allow_captions: bool = False, wanted: str = "4-20 photos of the concept") -> list[Path]:
+    """Image files of a folder, sorted; any other file (except caption .txt when allowed, hidden and system
+    files) is an error. `wanted` says what to add to an empty folder."""
     if not folder.is_dir():
         raise UserError(f"{folder}: no such image folder")
     images = []
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.is_dir():
+        if p.name.startswith(".") or p.name.lower() in SYSTEM_FILES or p.is_dir():
             continue
         ext = p.suffix.lower()
         if ext in IMAGE_EXTS:
@@ -76,7 +80,7 @@ def list_images(folder: Path, allow_captions: bool = False) -> list[Path]:
         elif not (allow_captions and ext in CAPTION_EXTS):
             raise UserError(f"{p}: not an image (expected jpg, png, webp, bmp, gif, tiff); remove it from {folder}")
     if not images:
-        raise UserError(f"{folder}: contains no images (jpg, png, webp); add 4-20 photos of the concept")
+        raise UserError(f"{folder}: contains no images (jpg, png, webp); add {wanted}")
     return images
 
 
@@ -127,7 +131,8 @@ def _folder_images(src: Path) -> list[Path]:
     """The images of a --reg-dir folder (captions may sit beside them)."""
     if not src.exists():
         raise UserError(f"--reg-dir {src}: no such folder or images.txt file")
-    return list_images(src, allow_captions=True)
+    return list_images(src, allow_captions=True, wanted="images of the class (or leave out --reg-dir to have the "
+                                                        "base generate them)")
 
 
 def _caption_lines(spec: ConceptSpec, n: int) -> list[str]:
@@ -229,10 +234,17 @@ def validate_concepts(specs: list[ConceptSpec], min_side: int = 0,
             owner[t] = i
             if t not in all_tokens:
                 all_tokens.append(t)
-        for p in list_images(Path(s.instance_dir)):
+        photos = list_images(Path(s.instance_dir))
+        for p in photos:
             im = load_image(p, min_side)  # decode every photo now: a broken file fails before any work
             if cache is not None:
                 cache[p] = im
+        if len(photos) < MIN_PHOTOS:
+            warn(f"{s.instance_dir}: {len(photos)} photo{'s' * (len(photos) != 1)} of the concept; Custom Diffusion "
+                 "is made for 4-20, and with fewer the samples tend to repeat the photos")
+        if s.reg_dir and Path(s.reg_dir).resolve() == Path(s.instance_dir).resolve():
+            raise UserError(f"--reg-dir {s.reg_dir}: is the concept's own photo folder, so the class word would learn "
+                            "the concept; give images of the class in general, or leave out --reg-dir")
         if s.reg_dir:
             for p, _ in read_reg_source(s):
                 if cache is None or p not in cache:

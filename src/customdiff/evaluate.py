@@ -187,18 +187,18 @@ def _probe_metrics(judge: Any, e: EvalEntry, images: list[Image.Image], prompts:
 
 def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Load everything, evaluate, and publish metrics.json, metrics.md and images/ into `cfg.out` atomically."""
-    from .base import default_device, load_pipeline
+    from .base import check_device, load_pipeline
     from .conditioning import pipeline_name
     from .delta import apply_deltas, load_delta
 
     cfg.validate()
+    device = check_device(cfg.device)
     out = check_out(cfg.out, "eval", METRICS_FILE, replaces=[IMAGES_DIR])
     entries = read_dataset(cfg.dataset, cfg.entries)
     check_folders(entries)
     if cfg.images is not None and not Path(cfg.images).is_dir():
         raise UserError(f"--images {cfg.images}: no such folder")
     loaded = [load_delta(p) for p in cfg.deltas]  # validate every file before the slow loads
-    device = cfg.device or default_device()
     clip = ClipFeatures(resolve_clip(cfg.clip, cfg.base), device=device)
     pipe = None
     if cfg.images is None:

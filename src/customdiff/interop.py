@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -258,11 +259,26 @@ def _safe_load(path: Path) -> Any:
         return read_tensors(path)
     try:
         # weights_only: tensors and plain containers only; any other pickled object is refused, never run
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it may not read; the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure here means the file is not a safe reference delta
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: refused: not a reference delta that loads with weights_only=True "
-                        f"(tensors and plain containers only): {first[:200]}") from e
+        raise UserError(f"{path}: refused: {_unpickling_problem(e)}; only reference deltas of plain tensors are "
+                        "imported, and nothing in a file is ever run") from e
+
+
+def _unpickling_problem(e: Exception) -> str:
+    """What torch's weights-only loader refused, in a few words (its message also suggests weights_only=False)."""
+    text = str(e)
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if named:
+        return f"it asks to load {named.group(1)}, which is code, not a tensor or a plain container"
+    if "Unsupported operand" in text or isinstance(e, EOFError):
+        return "not a PyTorch tensor file"
+    if "hasRecord" in text or "PytorchStreamReader" in text:
+        return "a damaged or foreign zip archive, not a PyTorch checkpoint"
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("Weights only load failed")]
+    return lines[0][:200] if lines else type(e).__name__
 
 
 _TOKEN_FILE_MAX = 64 << 20  # a token file holds one row (KBs); bigger files beside the weights are not looked at

@@ -31,7 +31,14 @@ from .outputs import make_dirs
 from .precision import frozen_dtype, read_kept, restore_kept, store_pipeline_frozen
 from .surgery import detach_start_token, freeze_except, trainable_names
 from .tokens import TokenRows, add_tokens, default_initializers
-from .validate import check_free_space, check_multiple, check_out_file, deferred_warnings, human_bytes
+from .validate import (
+    check_free_space,
+    check_multiple,
+    check_out_dir,
+    check_out_file,
+    deferred_warnings,
+    human_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +76,11 @@ def _check_config(cfg: TrainConfig, specs: list[ConceptSpec],
         cfg.validate()
         if not cfg.out:
             raise UserError("--out: give an output file ending in .safetensors")
+        if cfg.mixed_precision == "fp16" and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+            raise UserError("--mixed-precision fp16: needs a GPU and this machine has none; use no (the fastest "
+                            "on a CPU) or bf16")
+        if cfg.logdir:
+            check_out_dir("--logdir", cfg.logdir)
         facts = base_facts(cfg.base)
         if facts is not None:
             check_multiple("--resolution", cfg.resolution, facts.factor, " (the VAE's factor)")

@@ -38,6 +38,8 @@ def _cmd_merge(a: argparse.Namespace) -> None:
         if len({str(Path(p).resolve()) for p in a.deltas}) < len(a.deltas):
             raise UserError("the same delta file is given twice; merge distinct deltas")
         out = _out_file(a.out, need_bytes=_sizes(a.deltas))
+        if out.resolve() in {Path(p).resolve() for p in a.deltas}:
+            raise UserError(f"-o {a.out}: is one of the input deltas; write the merged delta to a new file")
         deltas = [load_delta(p) for p in a.deltas]  # validate every input before the slow base load
         captions = read_captions(a.reg_captions)
         base_facts(a.base)

@@ -70,10 +70,10 @@ def add_device(p: argparse.ArgumentParser) -> None:
 
 
 def device(value: str | None) -> str:
-    """The --device value, or cuda when available and cpu otherwise."""
-    from ..base import default_device
+    """The --device value (checked: this machine has it), or cuda when available and cpu otherwise."""
+    from ..base import check_device
 
-    return value or default_device()
+    return check_device(value)
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls: type, skip: Collection[str] = ()) -> None:
@@ -87,13 +87,14 @@ def add_config_flags(p: argparse.ArgumentParser, cls: type, skip: Collection[str
         extra = {k: f.metadata[k] for k in ("metavar", "required") if k in f.metadata}
         if kind is bool:
             if f.default:
-                p.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=help_)
+                p.add_argument("--no-" + flag[2:], dest=f.name, action="store_false",
+                               help=f"turn off what is on by default: {help_}")
             else:
                 p.add_argument(flag, dest=f.name, action="store_true", help=help_)
         elif typing.get_origin(kind) is list:
             p.add_argument(flag, dest=f.name, nargs="+", default=None, **{"metavar": "WORD", **extra}, help=help_)
         else:
-            shown = "" if f.default is None or extra.get("required") else f" (default: {f.default})"
+            shown = "" if f.default in (None, "") or extra.get("required") else f" (default: {f.default})"
             p.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_ + shown,
                            choices=f.metadata.get("choices"), **extra)
 

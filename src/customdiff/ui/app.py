@@ -26,6 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from ..data import MIN_PHOTOS
 from ..errors import UserError
 from .jobs import Job, Trainer, new_job_id
 from .tasks import Tasks
@@ -33,7 +34,6 @@ from .workdir import (
     MAX_PHOTOS,
     MAX_REG_IMAGES,
     MAX_UPLOAD_BYTES,
-    MIN_PHOTOS,
     Workdir,
     display_name,
     entry,

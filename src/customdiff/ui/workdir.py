@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 ENTRY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_UPLOAD_BYTES = 30 * 1024 * 1024  # one photo or delta file
-MIN_PHOTOS, MAX_PHOTOS = 3, 20
+MAX_PHOTOS = 20  # the fewest, data.MIN_PHOTOS, is where the command line warns
 MAX_REG_IMAGES = 1000
 IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif",
                  "MPO": ".jpg"}
