@@ -217,3 +217,9 @@ def test_stopping_the_server_keeps_a_checkpoint_the_job_resumes_from(tmp_path):
     assert [x[0] for x in job["losses"]] == list(range(1, 41))
     assert load_delta(tmp_path / "work" / "deltas" / "survivor.safetensors").config["steps"] == 40
     assert not ckpt.exists()
+
+
+def test_a_file_where_the_work_folder_keeps_a_folder_is_one_line(tmp_path):
+    (tmp_path / "deltas").write_text("x")
+    with pytest.raises(UserError, match="deltas is a file where the app keeps a folder"):
+        Workdir(tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _XL_COMPONENTS = _COMPONENTS + ("text_encoder_2", "tokenizer_2")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name; ./x, ../x, /x and a/b/c are paths
 
 
 def default_device() -> str:
@@ -48,11 +50,14 @@ def check_device(value: str | None) -> str:
 
 
 def resolve_base(base: str) -> str:
-    """Map `toy` to the shipped toy pipeline folder; return local folders and hub ids unchanged."""
+    """Map `toy` to the shipped toy pipeline folder; return local folders and hub ids unchanged; refuse a path
+    that neither exists nor reads as a hub id (owner/name), before anything tries the network."""
     if base == "toy":
         from .toy import paths
 
         return paths()["base"]
+    if not Path(base).exists() and not _HUB_ID.fullmatch(base):
+        raise UserError(f"--base {base}: no such folder; give a pipeline folder, a hub id (owner/name) or 'toy'")
     return base
 
 
@@ -94,7 +99,23 @@ def pipeline_class(base: str) -> str:
     try:
         return _family(str(DiffusionPipeline.load_config(str(path)).get("_class_name", "")), base)
     except (OSError, ValueError) as e:
+        if _offline(e):
+            raise UserError(f"--base {base}: no such folder, and the hub copy is neither cached nor reachable; "
+                            "download the pipeline where there is a network and give its folder") from e
         raise UserError(f"--base {base}: cannot read its model_index.json ({str(e).splitlines()[0]})") from e
+
+
+def _offline(e: BaseException) -> bool:
+    """Whether a hub download failed for want of a network (any exception in its chain says so)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError)) or \
+                type(seen).__name__ in ("ConnectError", "ConnectTimeout", "ConnectionError"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def load_pipeline(base: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
@@ -155,9 +176,7 @@ def base_facts(base: str) -> BaseFacts | None:
         path = Path(resolve_base(base))
     except ImportError:
         return None
-    if not path.exists():
-        if os.sep in base and base.count("/") != 1:
-            raise UserError(f"--base {base}: no such folder; give a pipeline folder, a hub id (owner/name) or 'toy'")
+    if not path.exists():  # a hub id (resolve_base refused anything else)
         return None
     name = _check_local_folder(path)
     unet = _read_config(path / "unet" / "config.json")

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UserError
 from .eval_report import verdict_class
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,23 @@ class BenchConfig:
     n_class: int = 24  # class-prompt samples (class leakage, KID)
     sample_steps: int = 20
     guidance: float = 5.0
+
+    def validate(self) -> None:
+        """Concept names, pair count, steps and seeds against the toy world, before any slow work."""
+        from .dataset import read_dataset
+        from .toy import paths
+        from .validate import SEED_MAX, check_number
+
+        root = Path(paths()["concepts"])
+        names = json.loads((root / "concepts.json").read_text())
+        unknown = [c for c in self.concepts if c not in names]
+        if unknown:
+            raise UserError(f"--concepts {' '.join(unknown)}: not a toy concept; choose from {', '.join(names)}")
+        available = len(read_dataset(root / "dataset_multiconcept.json"))
+        check_number("--pairs", self.pairs, 0, available, why=f" (the toy world has {available} concept pairs)")
+        check_number("--steps", self.steps, 0, 100_000)
+        for seed in self.seeds:
+            check_number("--seeds", seed, 0, SEED_MAX)
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -125,6 +143,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> Path:
     """Train and evaluate every method for every seed; write results.json, results.md and report.html."""
     from .outputs import check_out, staged
 
+    cfg.validate()
     out = check_out(out, "bench", "results.json")  # before any slow work
     with staged(out, replace=True, last="results.json") as work:
         _run_all(cfg, work, progress)
@@ -137,7 +156,6 @@ def rescore_bench(folder: str | Path, progress: bool = True) -> Path:
     report.html, keeping each run's training time and delta size."""
     from tqdm.auto import tqdm
 
-    from .errors import UserError
 
     folder = Path(folder)
     src = folder / "results.json"

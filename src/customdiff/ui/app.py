@@ -28,6 +28,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..data import MIN_PHOTOS
 from ..errors import UserError
+from ..validate import check_out_dir
 from .jobs import Job, Trainer, new_job_id
 from .tasks import Tasks
 from .workdir import (
@@ -445,6 +446,7 @@ def serve(base: str = "toy", host: str = "127.0.0.1", port: int = 7860, workdir:
     """Run the UI until interrupted; a running training job checkpoints and resumes at the next start."""
     import uvicorn
 
+    check_out_dir("--workdir", workdir)
     check_port(host, port)
     wd = Workdir(Path(workdir))
     # uploads larger than 1 MB are spooled to a temporary file while the request is read: keep those under the

@@ -52,6 +52,9 @@ class Workdir:
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
         for d in (self.deltas, self.jobs, self.samples, self.exports, self.tmp):
+            if d.exists() and not d.is_dir():
+                raise UserError(f"--workdir {self.root}: {d.name} is a file where the app keeps a folder; move it "
+                                "away or choose another --workdir")
             d.mkdir(parents=True, exist_ok=True)
 
     @property
