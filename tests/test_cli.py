@@ -141,3 +141,56 @@ def test_device_left_out_means_the_default_device():
 
     a = _subparsers()["sample"].parse_args(["--base", "b", "--prompt", "p", "-o", "s"])
     assert a.device is None and device(None) in ("cpu", "cuda") and device("cpu") == "cpu"
+
+
+def test_ctrl_c_while_training_keeps_a_checkpoint_that_resume_continues(tiny_base, concept_dirs, tmp_path, capsys,
+                                                                         monkeypatch):
+    import os
+    import signal
+
+    import torch
+
+    import customdiff.train as tr
+    from customdiff.delta import load_delta
+
+    handler = signal.getsignal(signal.SIGINT)
+    full, out = tmp_path / "full.safetensors", tmp_path / "d.safetensors"
+    args = ["--steps", "4", "--learning-rate", "1e-3"]
+    assert main(["-q", *_train_args(tiny_base, concept_dirs["a"], full, *args, reg=concept_dirs["reg"])]) == 0
+    real = tr.train
+
+    def ctrl_c_after_step_2(*a, **k):  # the signal arrives while the loop runs, as from a terminal
+        return real(*a, callback=lambda step, loss: step == 2 and os.kill(os.getpid(), signal.SIGINT), **k)
+
+    monkeypatch.setattr(tr, "train", ctrl_c_after_step_2)
+    capsys.readouterr()
+    assert main(["-q", *_train_args(tiny_base, concept_dirs["a"], out, *args, reg=concept_dirs["reg"])]) == 130
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert "saving a checkpoint after this step" in err[0]
+    assert err[-1].startswith("customdiff: interrupted: stopped at step 2 of 4; checkpoint in"), err
+    assert not out.exists() and (tr.checkpoint_dir(out) / "latest.safetensors").is_file()
+    assert signal.getsignal(signal.SIGINT) is handler
+    monkeypatch.setattr(tr, "train", real)
+    assert main(["-q", *_train_args(tiny_base, concept_dirs["a"], out, *args, "--resume",
+                                    reg=concept_dirs["reg"])]) == 0
+    a, b = load_delta(full), load_delta(out)
+    for k in a.weights:
+        torch.testing.assert_close(a.weights[k], b.weights[k], rtol=1e-5, atol=1e-7)
+
+
+def test_ctrl_c_outside_the_training_loop_or_twice_quits_at_once():
+    import os
+    import signal
+
+    from customdiff.cli.training import _first_interrupt_stops
+    from customdiff.train import StopRequest
+
+    stop = StopRequest()
+    with _first_interrupt_stops(stop):
+        with pytest.raises(KeyboardInterrupt):  # loading, checking: nothing to finish
+            os.kill(os.getpid(), signal.SIGINT)
+        stop.in_loop = True
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)

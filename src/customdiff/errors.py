@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class NonFiniteError(UserError):
     """A computation met NaN or infinite values (a damaged input, divergence or float16 overflow)."""
+
+
+class Interrupted(Exception):
+    """The user stopped the run (Ctrl-C); the message says what was kept. The CLI exits with code 130."""

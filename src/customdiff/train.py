@@ -9,7 +9,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,15 @@ class TrainingStopped(Exception):
     def __init__(self, step: int, checkpoint: Path):
         super().__init__(f"training stopped at step {step}; checkpoint in {checkpoint}")
         self.step, self.checkpoint = step, checkpoint
+
+
+@dataclass
+class StopRequest:
+    """Lets a signal handler ask a running `train` to stop after its current step, saving a checkpoint there.
+    `in_loop` says whether the training loop runs (before it, there is no step to finish)."""
+
+    requested: bool = False
+    in_loop: bool = False
 
 
 def storage_dtype(cfg: TrainConfig, pipe: Any) -> torch.dtype:
@@ -169,14 +178,15 @@ def _reg_sources(cfg: TrainConfig, specs: list[ConceptSpec], pipe: Any, is_main:
 
 def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pipe: Any = None,
           callback: StepCallback | None = None, timings: dict[str, float] | None = None,
-          pipe_owned: bool = False) -> Path:
+          pipe_owned: bool = False, interrupt: StopRequest | None = None) -> Path:
     """Fine-tune cross-attention (and new token rows) on the concepts; write the delta to cfg.out.
 
     `pipe` may be an already loaded float32 base pipeline (it is modified in place: trained weights, new tokens).
     With `pipe_owned` (the caller loaded it for this run alone) its frozen weights are also stored in the
     mixed-precision dtype, as in a pipeline `train` loads itself; otherwise they keep their dtypes.
     `callback(step, loss)` runs after each step; while it runs, `pipe` samples with the weights and token rows
-    trained so far. When it returns True, a checkpoint of that step is saved and TrainingStopped is raised.
+    trained so far. When it returns True, a checkpoint of that step is saved and TrainingStopped is raised; so
+    when `interrupt.requested` is set before the last step.
     `timings`, when given, receives the loop's clock readings (see _Clock: first step, steady rate, data wait)
     and vae_images, the images the VAE encoded (those the cache held are not counted).
     """
@@ -300,6 +310,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     clock.loop()
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = benchmark or (cuda and cfg.cudnn_benchmark)
+    if interrupt is not None:
+        interrupt.in_loop = True
     try:
         for step in range(start, cfg.steps):
             for micro in range(ga):
@@ -329,6 +341,7 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
                 last = _read_losses(losses, cfg, bar, accelerator, lr)
                 clock.read(step + 1 - start)
             stop = bool(callback(step + 1, last)) if callback is not None else False
+            stop = stop or bool(interrupt is not None and interrupt.requested and step + 1 < cfg.steps)
             if stop or checkpoint:
                 if is_main:
                     _save_checkpoint(ckpt, step + 1, cfg, params, getattr(optimizer, "optimizer", optimizer))
@@ -337,6 +350,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
                 bar.close()
                 raise TrainingStopped(step + 1, ckpt)
     finally:
+        if interrupt is not None:
+            interrupt.in_loop = False
         batches.close()
         torch.backends.cudnn.benchmark = benchmark
         clock.done()

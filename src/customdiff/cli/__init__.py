@@ -14,7 +14,7 @@ import re
 import sys
 from typing import Any
 
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from .flags import Parser
 
 log = logging.getLogger("customdiff")
@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             return _fail(args.command, f"{e.filename or 'a file'}: {e.strerror}; choose a path you can write", 2)
         raise
+    except Interrupted as e:
+        return _fail(None, f"interrupted: {e}", 130)
     except KeyboardInterrupt:
         return _fail(None, "interrupted", 130)
     return 0

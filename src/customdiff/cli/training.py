@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from .flags import (
     add_base,
     add_config_flags,
@@ -18,11 +23,16 @@ from .flags import (
     refuse_base,
 )
 
+if TYPE_CHECKING:
+    from ..train import StopRequest
+
+log = logging.getLogger(__name__)
+
 
 def _cmd_train(a: argparse.Namespace) -> None:
     from ..config import TrainConfig
     from ..data import ConceptSpec, read_concepts_file
-    from ..train import train
+    from ..train import StopRequest, TrainingStopped, train
 
     if a.concepts:
         if a.concept:
@@ -33,9 +43,36 @@ def _cmd_train(a: argparse.Namespace) -> None:
             raise UserError("--concept DIR, --instance-prompt and --class-prompt are required (or --concepts FILE)")
         specs = [ConceptSpec(a.concept, a.instance_prompt, a.class_prompt, reg_dir=a.reg_dir,
                              reg_captions=a.reg_captions)]
-    out = train(config_from(TrainConfig, a), specs, progress=not a.quiet)
+    cfg = config_from(TrainConfig, a)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # processes in lock step: each stops at once, as before
+        out = train(cfg, specs, progress=not a.quiet)
+    else:
+        interrupt = StopRequest()
+        try:
+            with _first_interrupt_stops(interrupt):
+                out = train(cfg, specs, progress=not a.quiet, interrupt=interrupt)
+        except TrainingStopped as e:
+            raise Interrupted(f"stopped at step {e.step} of {cfg.steps}; checkpoint in {e.checkpoint}: run the same "
+                              "command with --resume to continue") from e
     if int(os.environ.get("RANK", "0")) == 0:  # one line from the main process under accelerate launch
         print(out)
+
+
+@contextlib.contextmanager
+def _first_interrupt_stops(interrupt: StopRequest) -> Iterator[None]:
+    """Ctrl-C in the training loop: finish the step and save a checkpoint (a second Ctrl-C quits at once);
+    anywhere else, quit at once."""
+    def handler(signum: int, frame: Any) -> None:
+        if not interrupt.in_loop or interrupt.requested:
+            raise KeyboardInterrupt
+        interrupt.requested = True
+        log.warning("interrupted: saving a checkpoint after this step (Ctrl-C again to quit without one)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _cmd_retrieve(a: argparse.Namespace) -> None:
