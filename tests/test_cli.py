@@ -194,3 +194,14 @@ def test_ctrl_c_outside_the_training_loop_or_twice_quits_at_once():
         assert stop.requested
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_version_is_the_package_version(capsys):
+    import re
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    version = re.search(r'^version = "(.+)"', pyproject, re.M)[1]
+    assert capsys.readouterr().out.strip() == f"customdiff {version}"

@@ -14,6 +14,7 @@ import re
 import sys
 from typing import Any
 
+from .. import __version__
 from ..errors import Interrupted, UserError
 from .flags import Parser
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="customdiff", description="Custom Diffusion: teach a text-to-image diffusion model new "
                "concepts by fine-tuning cross-attention K/V and new token embeddings; store small deltas.")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    p.add_argument("--version", action="version", version=f"customdiff {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(f"{__name__}.{name}").register(sub)
