@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -171,6 +173,50 @@ def test_bad_requests_are_one_line_messages(server):
     assert status == 400 and "two or more" in r["error"]
     status, r = server.post_form("/api/deltas", {}, [("file", "x.safetensors", b"not a safetensors file")])
     assert status == 400 and r["error"].startswith("x.safetensors: not a readable safetensors file")
+    for body, want in [({"prompts": "photo of a cat"}, "prompts must be a list of texts"),  # not one per letter
+                       ({"prompts": None}, "prompts must be a list of texts"),
+                       ({"prompts": ["a"], "steps": 1000}, "steps must be between 1 and 999")]:  # DDIM's last
+        status, r = server.post_json("/api/sample", body)
+        assert status == 400 and want in r["error"], (body, r)
+    status, answer = server.request("POST", "/api/sample", b"[" * 100_000 + b"]" * 100_000,
+                                    {"Content-Type": "application/json"})
+    assert status == 400 and json.loads(answer)["error"] == "the request body is not JSON"
+    status, r = server.post_form("/api/jobs", _job_form(cls, seed=2**40), files)
+    assert status == 400 and "seed must be between 0 and 4294967295" in r["error"], r  # the trainer's own range
+    status, r = server.post_form("/api/jobs", _job_form(cls), [])
+    assert status == 400 and "0 photo(s): give 3 to 20" in r["error"], r
+
+
+def _toy_delta(tmp_path: Path, token_width: int = 0, **extra: str) -> bytes:
+    """A valid (zero-change) delta for the toy base, with a token row of `token_width` (0: the base's) and
+    extra metadata."""
+    from customdiff.base import load_pipeline
+    from customdiff.delta import Delta, base_fingerprint, save_delta
+
+    pipe = load_pipeline("toy")
+    names = [n for n, _ in pipe.unet.named_parameters() if "attn2.to_k" in n or "attn2.to_v" in n]
+    params = dict(pipe.unet.named_parameters())
+    width = token_width or pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    delta = Delta(weights={n: torch.zeros_like(params[n]) for n in names}, tokens={"<new9>": torch.zeros(width)},
+                  trained="crossattn_kv", base={"name": "toy", "fingerprint": base_fingerprint(pipe.unet, names)},
+                  token_info=[{"token": "<new9>", "initializer": "ktn", "class": "square"}], extra=extra)
+    save_delta(delta, tmp_path / "d.safetensors")
+    return (tmp_path / "d.safetensors").read_bytes()
+
+
+def test_library_survives_damaged_metadata_and_refuses_a_token_of_another_width(server, tmp_path):
+    damaged = _toy_delta(tmp_path, merge_sources="5", merge_residuals="[" * 100_000 + "]" * 100_000,
+                         compression='{"ranks": [1, 2]}')
+    status, r = server.post_form("/api/deltas", {}, [("file", "odd.safetensors", damaged)])
+    assert status == 200, r
+    listed = {d["name"]: d for d in server.get("/api/deltas")["deltas"]}[r["delta"]]
+    assert listed["merged_from"] == [] and listed["ranks"] is None and listed["worst_residual"] is None and listed["tokens"] == [{"token": "<new9>", "class": "square"}]
+    status, r = server.post_form("/api/deltas", {}, [("file", "w.safetensors", _toy_delta(tmp_path, token_width=7))])
+    assert status == 400 and "token <new9> has embedding width 7" in r["error"], r
+    odd = _toy_delta(tmp_path, merge_residuals='{"a": {"constraint": "x"}, "b": {"constraint": 0.5}}')
+    status, r = server.post_form("/api/deltas", {}, [("file", "odd2.safetensors", odd)])
+    assert status == 200, r
+    assert {d["name"]: d for d in server.get("/api/deltas")["deltas"]}[r["delta"]]["worst_residual"] == 0.5
 
 
 def test_stop_and_resume_from_the_page(server):
@@ -217,6 +263,21 @@ def test_stopping_the_server_keeps_a_checkpoint_the_job_resumes_from(tmp_path):
     assert [x[0] for x in job["losses"]] == list(range(1, 41))
     assert load_delta(tmp_path / "work" / "deltas" / "survivor.safetensors").config["steps"] == 40
     assert not ckpt.exists()
+
+
+def test_stopping_the_server_cancels_a_running_sample(tmp_path):
+    s = UIServer(tmp_path / "work", tmp_path / "server.log").start()
+    try:
+        status, r = s.post_json("/api/sample", {"prompts": ["a square"], "n": 16, "steps": 999})  # minutes of work
+        assert status == 200
+        while s.get(f"/api/tasks/{r['task']}")["state"] != "running":
+            time.sleep(0.1)
+        time.sleep(1.0)
+    finally:
+        t0 = time.monotonic()
+        assert s.stop() == 0, (tmp_path / "server.log").read_text()
+    assert time.monotonic() - t0 < 60  # it stops at the next denoising step, not after all 16 images
+    assert not [p for p in (tmp_path / "work" / "samples").rglob("*") if p.is_file()]
 
 
 def test_a_file_where_the_work_folder_keeps_a_folder_is_one_line(tmp_path):

@@ -158,6 +158,12 @@ class BaseFacts:
     num_train_timesteps: int
     unet_config: dict[str, Any]
     pipeline: str = SD_PIPELINE  # StableDiffusionPipeline or StableDiffusionXLPipeline
+    # the most denoising steps the scheduler can take: with "leading" spacing its last timestep is
+    # (steps - 1) * (num_train_timesteps // steps) + steps_offset, which must stay below num_train_timesteps
+    max_sampling_steps: int = 999
+
+
+STEPS_WHY = " (the scheduler's training steps less its steps_offset)"
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -182,12 +188,14 @@ def base_facts(base: str) -> BaseFacts | None:
     unet = _read_config(path / "unet" / "config.json")
     vae = _read_config(path / "vae" / "config.json")
     sched = next((p for p in (path / "scheduler").glob("scheduler_config.json")), None)
-    steps = int(_read_config(sched).get("num_train_timesteps", 1000)) if sched else 1000
+    sched_cfg = _read_config(sched) if sched else {}
+    steps = int(sched_cfg.get("num_train_timesteps", 1000))
+    offset = int(sched_cfg.get("steps_offset", 0) or 0)
     factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
     size = unet.get("sample_size", 64)
     size = size[0] if isinstance(size, (list, tuple)) else int(size)
     return BaseFacts(factor=factor, native_resolution=size * factor, num_train_timesteps=steps, unet_config=unet,
-                     pipeline=name)
+                     pipeline=name, max_sampling_steps=max(1, steps - offset))
 
 
 def trainable_bytes(facts: BaseFacts, train: str) -> int:

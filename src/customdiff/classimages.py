@@ -30,7 +30,7 @@ def ensure_class_images(pipe: Any, class_prompt: str, folder: Path, n: int, seed
 
     Image i is generated from seed + i, so an interrupted run resumes where it stopped with the same images.
     """
-    from .sample import _finite_latents
+    from .sample import step_check
 
     folder.mkdir(parents=True, exist_ok=True)
     have = {p.stem for p in folder.glob("*.png") if p.with_suffix(".txt").is_file()}
@@ -43,7 +43,7 @@ def ensure_class_images(pipe: Any, class_prompt: str, folder: Path, n: int, seed
         idx = todo[start:start + batch_size]
         gens = [torch.Generator("cpu").manual_seed(seed + i) for i in idx]
         images = pipe([class_prompt] * len(idx), num_inference_steps=steps, guidance_scale=guidance,
-                      generator=gens, callback_on_step_end=_finite_latents).images
+                      generator=gens, callback_on_step_end=step_check(None)).images
         for i, im in zip(idx, images, strict=True):
             write_text(folder / f"{i:05d}.txt", class_prompt + "\n")
             save_image(im, folder / f"{i:05d}.png")  # the png appears last: a complete pair marks done

@@ -281,6 +281,8 @@ def _check_tokens(d: Delta, src: str, pipe: Any, owner: dict[str, str]) -> None:
         raise UserError(f"{src}: has token rows for one text encoder only ({', '.join(d.tokens)}); an SDXL base "
                         "needs both (tokens_2.*); use an SDXL delta")
     for tok in d.tokens:
+        if tok in owner and owner[tok] == src:
+            raise UserError(f"{src}: given twice; apply each delta once")
         if tok in owner:
             raise UserError(f"{src}: token {tok} is also defined by {owner[tok]}; merge them with "
                             "`customdiff merge`, which renames clashing tokens")
@@ -293,6 +295,12 @@ def _check_tokens(d: Delta, src: str, pipe: Any, owner: dict[str, str]) -> None:
             if row.shape[-1] != width:
                 raise UserError(f"{src}: token {tok} has embedding width {row.shape[-1]} for {side.encoder}, the "
                                 f"base {width}; use the base it was trained on")
+
+
+def check_pipeline(delta: Delta, pipe: Any, source: str) -> None:
+    """Everything `apply_deltas` checks of one delta against a loaded pipeline: its UNet and its token rows."""
+    check_base(delta, pipe.unet, source)
+    _check_tokens(delta, source, pipe, {})
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,27 +46,39 @@ def read_prompts(path: str | Path) -> list[str]:
     return read_lines(path, "prompts file")
 
 
-def _finite_latents(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Step callback: stop with a clear error as soon as the latents hold NaN or inf (else: black images)."""
-    if not bool(torch.isfinite(kwargs["latents"]).all()):
-        raise NonFiniteError(f"sampling produced NaN or infinite latents at step {step + 1}; a delta or the base "
-                             "holds extreme values, or float16 overflowed (try --dtype float32)")
-    return kwargs
+class SamplingCancelled(Exception):
+    """The caller's cancel event was set: sampling stopped at the next denoising step."""
+
+
+def step_check(cancel: threading.Event | None) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+    """Step callback: stop when `cancel` is set, and with a clear error as soon as the latents hold NaN or inf
+    (else: black images)."""
+    def check(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if cancel is not None and cancel.is_set():
+            raise SamplingCancelled(f"sampling cancelled at step {step + 1}")
+        if not bool(torch.isfinite(kwargs["latents"]).all()):
+            raise NonFiniteError(f"sampling produced NaN or infinite latents at step {step + 1}; a delta or the "
+                                 "base holds extreme values, or float16 overflowed (try --dtype float32)")
+        return kwargs
+
+    return check
 
 
 @torch.no_grad()
 def generate(pipe: Any, prompt: str, n: int = 1, seed: int = 0, steps: int = 50, guidance: float = 7.5,
-             resolution: int | None = None, negative_prompt: str | None = None) -> list[Image.Image]:
+             resolution: int | None = None, negative_prompt: str | None = None,
+             cancel: threading.Event | None = None) -> list[Image.Image]:
     """`n` images of one prompt, exactly as `pipe(prompt, ..., generator=Generator("cpu").manual_seed(seed))`.
 
-    Latents and decoded pixels are checked for NaN/inf (a NonFiniteError instead of black images)."""
+    Latents and decoded pixels are checked for NaN/inf (a NonFiniteError instead of black images); setting
+    `cancel` (from another thread) stops it at the next step with SamplingCancelled."""
     kw: dict[str, Any] = {}
     if resolution:
         kw.update(height=resolution, width=resolution)
     # output_type="np" then numpy_to_pil is exactly what diffusers does for "pil", with a look in between
     arrays = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=n,
                   negative_prompt=negative_prompt, generator=torch.Generator("cpu").manual_seed(seed),
-                  output_type="np", callback_on_step_end=_finite_latents, **kw).images
+                  output_type="np", callback_on_step_end=step_check(cancel), **kw).images
     if not np.isfinite(arrays).all():
         raise NonFiniteError("the VAE decoded NaN or infinite pixels; float16 overflow? try --dtype float32")
     return pipe.numpy_to_pil(arrays)
@@ -84,10 +97,11 @@ def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.I
 
 def sample_to_dir(pipe: Any, prompts: Sequence[str], out: str | Path, n: int = 1, seed: int = 0, steps: int = 50,
                   guidance: float = 7.5, resolution: int | None = None, negative_prompt: str | None = None,
-                  progress: bool = True) -> list[Path]:
+                  progress: bool = True, cancel: threading.Event | None = None) -> list[Path]:
     """Write `{index:04d}.png` for every prompt x n, `grid.png` and `prompts.json`; each prompt uses `seed`.
 
-    Nothing is written until every image is made, and a failure leaves no partial output."""
+    Nothing is written until every image is made, and a failure (or `cancel`, see generate) leaves no partial
+    output."""
     from .outputs import make_dirs, write_image_folder
 
     out = Path(out)
@@ -95,7 +109,7 @@ def sample_to_dir(pipe: Any, prompts: Sequence[str], out: str | Path, n: int = 1
     try:
         images, index = [], []
         for prompt in tqdm(prompts, desc="sample", disable=not progress):
-            ims = generate(pipe, prompt, n, seed, steps, guidance, resolution, negative_prompt)
+            ims = generate(pipe, prompt, n, seed, steps, guidance, resolution, negative_prompt, cancel)
             images += ims
             index += [prompt] * len(ims)
         paths = write_image_folder(out, images, index, [seed] * len(images), cols=n if len(prompts) > 1 else None)

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import enable_checkpointing, lean_activations, lean_wanted
-from .base import base_facts, load_pipeline, trainable_bytes
+from .base import STEPS_WHY, base_facts, load_pipeline, trainable_bytes
 from .classimages import default_cache_dir, ensure_class_images
 from .compress import compress_delta
 from .conditioning import XL_PIPELINE, is_xl, pipeline_name, sides, tokenize
@@ -34,6 +34,7 @@ from .tokens import TokenRows, add_tokens, default_initializers
 from .validate import (
     check_free_space,
     check_multiple,
+    check_number,
     check_out_dir,
     check_out_file,
     deferred_warnings,
@@ -93,6 +94,7 @@ def _check_config(cfg: TrainConfig, specs: list[ConceptSpec],
         facts = base_facts(cfg.base)
         if facts is not None:
             check_multiple("--resolution", cfg.resolution, facts.factor, " (the VAE's factor)")
+            check_number("--class-image-steps", cfg.class_image_steps, 1, facts.max_sampling_steps, why=STEPS_WHY)
         out = check_out_file("--out", cfg.out, ".safetensors")
         ckpt = checkpoint_dir(out)
         if ckpt.exists() and not ckpt.is_dir():

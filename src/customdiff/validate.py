@@ -64,13 +64,13 @@ def check_number(flag: str, value: float | int | None, lo: float | None = None, 
     if isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"{flag} {value}: must be a finite number")
     if lo is not None and (value <= lo if lo_open else value < lo):
-        bound = f"greater than {_bound(lo)}" if lo_open else f"at least {_bound(lo)}"
+        bound = f"greater than {number_text(lo)}" if lo_open else f"at least {number_text(lo)}"
         raise UserError(f"{flag} {value}: must be {bound}{why}")
     if hi is not None and value > hi:
-        raise UserError(f"{flag} {value}: must be at most {_bound(hi)}{why}")
+        raise UserError(f"{flag} {value}: must be at most {number_text(hi)}{why}")
 
 
-def _bound(x: float) -> str:
+def number_text(x: float) -> str:
     """A range bound as people write it: 18446744073709551615 rather than 1.84467e+19, 1e-06 as is."""
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 

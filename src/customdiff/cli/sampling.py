@@ -22,7 +22,7 @@ def load_with_deltas(base: str, deltas: list[Any], delta_paths: list[str], on: s
 
 def _check_door(a: argparse.Namespace, prompts: list[str]) -> None:
     """Flags, base facts and the output folder of `sample`, before any model loads."""
-    from ..base import base_facts
+    from ..base import STEPS_WHY, base_facts
     from ..validate import check_multiple, check_number, check_out_dir
 
     check_number("--n", a.n, 1, 10_000)
@@ -33,7 +33,7 @@ def _check_door(a: argparse.Namespace, prompts: list[str]) -> None:
     facts = base_facts(a.base)
     if facts is not None:
         check_multiple("--resolution", a.resolution, facts.factor, " (the VAE's factor)")
-        check_number("--steps", a.steps, 1, facts.num_train_timesteps, why=" (the scheduler's training steps)")
+        check_number("--steps", a.steps, 1, facts.max_sampling_steps, why=STEPS_WHY)
     side = a.resolution or (facts.native_resolution if facts else 512)
     per_image = side * side * 3 // 2 + 4096  # a generous PNG size (noise compresses badly)
     check_out_dir("--out", a.out, need_bytes=2 * per_image * a.n * len(prompts))

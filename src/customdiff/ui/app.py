@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import ipaddress
 import logging
+import os
 import re
 import shutil
 import socket
@@ -24,16 +25,18 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..data import MIN_PHOTOS
 from ..errors import UserError
-from ..validate import check_out_dir
+from ..validate import SEED_MAX, check_out_dir, number_text
 from .jobs import Job, Trainer, new_job_id
 from .tasks import Tasks
 from .workdir import (
     MAX_PHOTOS,
     MAX_REG_IMAGES,
+    MAX_REG_UPLOAD,
     MAX_UPLOAD_BYTES,
     Workdir,
     display_name,
@@ -61,6 +64,7 @@ class Settings:
         self.is_toy = Path(resolve_base(base)).resolve() == Path(toy["base"]).resolve()
         facts = base_facts(base)
         self.resolution = facts.native_resolution if facts else 512
+        self.max_sampling_steps = facts.max_sampling_steps if facts else 999
         self.toy_classes = sorted(p.name for p in (Path(toy["concepts"]) / "class_images").iterdir()
                                   if p.is_dir()) if self.is_toy else []
         from ..toy.recipes import DEMO_RECIPE, RECIPES
@@ -84,7 +88,8 @@ def _check(cond: bool, message: str) -> None:
 
 
 def _number(name: str, value: float, lo: float, hi: float) -> None:
-    _check(lo <= value <= hi, f"{name} must be between {lo:g} and {hi:g} (got {value:g})")
+    _check(lo <= value <= hi, f"{name} must be between {number_text(lo)} and {number_text(hi)} (got "
+           f"{number_text(value)})")
 
 
 def create_app(wd: Workdir, trainer: Trainer, tasks: Tasks, base: str, loopback: bool = True) -> Any:
@@ -131,6 +136,11 @@ def create_app(wd: Workdir, trainer: Trainer, tasks: Tasks, base: str, loopback:
             parts.append(f"{where}: {err.get('msg', 'invalid')}")
         return JSONResponse({"error": "; ".join(parts)}, status_code=400)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        # e.g. the form parser's own limits ("Too many files"): in the field the page shows
+        return JSONResponse({"error": str(e.detail), "detail": e.detail}, status_code=e.status_code, headers=e.headers)
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/")
@@ -155,8 +165,8 @@ def create_app(wd: Workdir, trainer: Trainer, tasks: Tasks, base: str, loopback:
 
     @app.post("/api/jobs")
     async def submit(
-        photos: Annotated[list[UploadFile], File()],
         class_word: Annotated[str, Form()],
+        photos: Annotated[list[UploadFile] | None, File()] = None,
         token: Annotated[str, Form()] = "<new1>",
         name: Annotated[str, Form()] = "",
         template: Annotated[str, Form()] = "photo of a {token} {class}",
@@ -178,17 +188,17 @@ def create_app(wd: Workdir, trainer: Trainer, tasks: Tasks, base: str, loopback:
         if token in tasks.vocab or bare in tasks.vocab or bare + "</w>" in tasks.vocab:
             raise UserError(f"token {display_name(token)!r} is already in the vocabulary; a new concept needs a "
                             "new token such as <new1> or <my-dog>")
-        _check(bool(re.match(TOKEN_RE, token)), f"token {display_name(token)!r}: write it in angle brackets, "
+        _check(bool(re.match(TOKEN_RE, token)), f"token {token[:40]!r}: write it in angle brackets, "
                "like <new1> (letters, digits, '-', '_')")
         _check("{token}" in template and "{class}" in template and "<" not in template.replace("{token}", ""),
                "prompt template: keep {token} and {class} in it, e.g. 'photo of a {token} {class}'")
         _number("steps", steps, 1, 100_000)
         _number("learning rate", learning_rate, 1e-8, 1.0)
-        _number("seed", seed, 0, 2**63 - 1)
+        _number("seed", seed, 0, SEED_MAX)
         _number("batch size", batch_size, 1, 256)
         _number("class images", num_class_images, 0, MAX_REG_IMAGES)
         _number("preview every", preview_every, 0, 100_000)
-        _number("preview sampling steps", preview_steps, 1, 1000)
+        _number("preview sampling steps", preview_steps, 1, settings.max_sampling_steps)
         _number("checkpoint every", checkpoint_every, 0, 100_000)
         _check(reg in ("toy", "generated", "upload", "none"), f"regularization {reg!r}: choose toy, generated, "
                "upload or none")
@@ -196,14 +206,15 @@ def create_app(wd: Workdir, trainer: Trainer, tasks: Tasks, base: str, loopback:
             _check(settings.is_toy, "the toy class images only go with the toy base; choose generated or upload")
             _check(class_word in settings.toy_classes, f"the toy world has class images of "
                    f"{', '.join(settings.toy_classes)}, not {class_word!r}; choose generated or upload")
-        photos = [p for p in photos if p.filename or p.size]
+        photos = [p for p in photos or [] if p.filename or p.size]
         _check(len(photos) >= MIN_PHOTOS, f"{len(photos)} photo(s): give {MIN_PHOTOS} to {MAX_PHOTOS} photos of "
                "the concept")
         _check(len(photos) <= MAX_PHOTOS, f"{len(photos)} photos: give at most {MAX_PHOTOS} (pick the best)")
         regs = [f for f in reg_files or [] if f.filename or f.size]
         if reg == "upload":
             _check(bool(regs), "regularization: upload images of the class (with .txt captions if you have them)")
-            _check(len(regs) <= 2 * MAX_REG_IMAGES, f"regularization: at most {MAX_REG_IMAGES} images")
+            _check(len(regs) <= 2 * MAX_REG_UPLOAD, f"regularization: upload at most {MAX_REG_UPLOAD} images (and "
+                   "their captions)")
 
         job_id = new_job_id()
         folder = trainer.job_dir(job_id)
@@ -251,7 +262,9 @@ def create_app(wd: Workdir, trainer: Trainer, tasks: Tasks, base: str, loopback:
     @app.post("/api/sample")
     async def sample(request: Request) -> dict[str, Any]:
         body = await _json(request)
-        prompts = [" ".join(str(p).split()) for p in body.get("prompts", []) if str(p).strip()]
+        given = body.get("prompts", [])
+        _check(isinstance(given, list) and all(isinstance(p, str) for p in given), "prompts must be a list of texts")
+        prompts = [" ".join(p.split()) for p in given if p.strip()]
         _check(bool(prompts), "write at least one prompt")
         _check(len(prompts) <= 32, "at most 32 prompts at a time")
         _check(all(len(p) <= 500 for p in prompts), "prompts: at most 500 characters each")
@@ -260,7 +273,7 @@ def create_app(wd: Workdir, trainer: Trainer, tasks: Tasks, base: str, loopback:
         guidance = _float(body, "guidance", float(settings.defaults["guidance"]))
         _number("images per prompt", n, 1, 16)
         _number("seed", seed, 0, 2**63 - 1)
-        _number("steps", steps, 1, 1000)
+        _number("steps", steps, 1, settings.max_sampling_steps)
         _number("guidance", guidance, 0, 50)
         for nm in names:
             entry(wd.deltas, nm, "delta")
@@ -386,7 +399,7 @@ async def _save_reg(files: list[Any], folder: Path, wd: Workdir) -> None:
 async def _json(request: Any) -> dict[str, Any]:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser follows
         raise UserError("the request body is not JSON") from None
     _check(isinstance(body, dict), "the request body must be a JSON object")
     return body
@@ -454,6 +467,8 @@ def serve(base: str = "toy", host: str = "127.0.0.1", port: int = 7860, workdir:
     shutil.rmtree(wd.tmp, ignore_errors=True)  # what a crashed server left half-uploaded
     wd.tmp.mkdir()
     tempfile.tempdir = str(wd.tmp)
+    # generated class images too (unless CUSTOMDIFF_CACHE names a cache shared with the command line)
+    os.environ.setdefault("CUSTOMDIFF_CACHE", str(wd.root / "cache"))
     t0 = time.perf_counter()
     tasks = Tasks(wd, base, device)
     trainer = Trainer(wd, base, device)

@@ -36,6 +36,7 @@ class Tasks:
         self.tasks: dict[str, dict[str, Any]] = {}
         self.lock = threading.Lock()
         self.pipe_lock = threading.Lock()  # held while deltas are applied to (or checked against) the pipeline
+        self.cancel = threading.Event()  # set at shutdown: a running sample stops at its next denoising step
 
     def submit(self, kind: str, fn: Callable[[], dict[str, Any]]) -> str:
         """Run `fn` in the task thread; its dict result (or error message) is kept under the returned id."""
@@ -66,22 +67,21 @@ class Tasks:
             return dict(self.tasks[task_id])
 
     def shutdown(self) -> None:
-        """Let a running task finish; drop queued ones."""
+        """Stop a running sample at its next step (it leaves no images) and let other tasks finish; drop queued
+        ones."""
+        self.cancel.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------ the tasks
 
     def check_file(self, path: Path, shown: str) -> Any:
         """Load a delta file and check it belongs to the base; errors name it `shown`, not its path."""
-        from ..delta import check_base, load_delta
+        from ..delta import check_pipeline, load_delta
 
         try:
             d = load_delta(path)
-            with self.pipe_lock:
-                check_base(d, self.pipe.unet, shown)
-            for tok in d.tokens:
-                if tok in self.vocab:
-                    raise UserError(f"{shown}: its token {tok} is already in the base vocabulary")
+            with self.pipe_lock:  # the UNet, and each token row's name and width against the text encoders
+                check_pipeline(d, self.pipe, shown)
         except UserError as e:
             raise UserError(str(e).replace(str(path), shown)) from None
         return d
@@ -103,7 +103,7 @@ class Tasks:
             try:
                 t0 = time.perf_counter()
                 paths = sample_to_dir(self.pipe, prompts, folder, n=n, seed=seed, steps=steps, guidance=guidance,
-                                      progress=False)
+                                      progress=False, cancel=self.cancel)
                 seconds = time.perf_counter() - t0
             finally:
                 applied.remove()

@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 ENTRY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_UPLOAD_BYTES = 30 * 1024 * 1024  # one photo or delta file
 MAX_PHOTOS = 20  # the fewest, data.MIN_PHOTOS, is where the command line warns
-MAX_REG_IMAGES = 1000
+MAX_REG_IMAGES = 1000  # class images generated for a job
+# class images uploaded with a job: with a caption each and 20 photos, under the 1000 files a form may carry
+MAX_REG_UPLOAD = 480
 IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif",
                  "MPO": ".jpg"}
 
@@ -161,24 +163,29 @@ def delta_info(path: Path) -> dict[str, Any]:
         return {**info, "error": "not a customdiff delta"}
 
     def parse(key: str, default: Any) -> Any:
+        """The key's JSON value when it has the default's type; else (absent, damaged, another type) the default."""
         try:
-            return json.loads(meta.get(key, "")) if key in meta else default
-        except json.JSONDecodeError:
+            value = json.loads(meta[key]) if key in meta else default
+        except (json.JSONDecodeError, RecursionError):
             return default
+        return value if isinstance(value, type(default)) else default
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
 
     base, config, tokens = parse("base", {}), parse("config", {}), parse("tokens", [])
-    residuals = parse("merge_residuals", {})
-    worst = max((r.get("constraint", 0.0) for r in residuals.values() if isinstance(r, dict)), default=None)
-    compression = parse("compression", {})
-    ranks = list(compression.get("ranks", {}).values()) if isinstance(compression, dict) else []
+    residuals = [r.get("constraint") for r in parse("merge_residuals", {}).values() if isinstance(r, dict)]
+    by_matrix = parse("compression", {}).get("ranks")
+    ranks = [r for r in by_matrix.values() if number(r)] if isinstance(by_matrix, dict) else []
+    steps = config.get("steps")
     return {**info,
-            "base": base.get("name", "") if isinstance(base, dict) else "",
-            "tokens": [{"token": t.get("token", ""), "class": t.get("class", "")} for t in tokens
+            "base": str(base.get("name", "")),
+            "tokens": [{"token": str(t.get("token", "")), "class": str(t.get("class", ""))} for t in tokens
                        if isinstance(t, dict)],
             "trained": meta.get("trained", ""), "storage": meta.get("storage", ""),
-            "steps": config.get("steps") if isinstance(config, dict) else None,
-            "merged_from": [s.get("source", "") for s in parse("merge_sources", []) if isinstance(s, dict)],
-            "worst_residual": worst,
+            "steps": steps if number(steps) else None,
+            "merged_from": [str(s.get("source", "")) for s in parse("merge_sources", []) if isinstance(s, dict)],
+            "worst_residual": max((r for r in residuals if number(r)), default=None),
             "ranks": [min(ranks), max(ranks)] if ranks else None}
 
 
