@@ -104,6 +104,10 @@ def _delta_variant(env: Env, change: Callable[[dict, dict], None], name: str = "
     return out
 
 
+def _conv_change(t: dict, m: dict) -> None:  # what a --train unet delta holds beside linear layers
+    t["unet.conv_in.weight"] = torch.zeros(4, 4, 3, 3)
+
+
 def _nan_weight(t: dict, m: dict) -> None:
     k = next(k for k in t if k.startswith("unet."))
     t[k] = t[k].clone()
@@ -277,6 +281,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
      2, "exists and is a file"),
     ("device-unknown", lambda e: _sample(e, "--device", "tpu"), 2, "--device tpu: not a device"),
     ("merge-onto-an-input", _merge_onto_input, 2, "is one of the input deltas"),
+    ("export-a-convolution", lambda e: ["export", str(_delta_variant(e, _conv_change)), "--to", "kohya", "-o",
+                                        str(e.tmp / "ex")], 2, "a LoRA of linear layers cannot hold"),
     ("import-pickled-code", _import_code, 2, "which is code, not a tensor"),
     ("base-neither-folder-nor-hub-id", lambda e: _sample(e, "--base", "nowhere"), 2,
      "--base nowhere: no such folder; give a pipeline folder, a hub id (owner/name) or 'toy'"),

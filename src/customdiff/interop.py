@@ -136,6 +136,11 @@ def export_delta(delta: Delta, to: str, out: str | Path, unet_config: Mapping[st
         raise UserError(f"--to {to!r} is unknown; choose one of {', '.join(EXPORT_FORMATS)}")
     if not delta.param_names() and not delta.tokens:
         raise UserError("the delta is empty; nothing to export")
+    beyond = [n for n in delta.param_names() if not n.endswith(".bias") and delta.change(n).ndim != 2]
+    if beyond:
+        raise UserError(f"the delta changes {len(beyond)} tensors that a LoRA of linear layers cannot hold (e.g. "
+                        f"{beyond[0]}: convolutions and norms, as `--train unet` changes); export takes crossattn_kv "
+                        "and crossattn deltas, and `customdiff sample` uses this one as it is")
     meta = {"customdiff_base": json.dumps(delta.base.get("name", "")), "customdiff_trained": delta.trained}
     xl = bool(delta.tokens_2) or delta.base.get("pipeline") == XL_PIPELINE
     files: dict[str, tuple[dict[str, Tensor], dict[str, str]]] = {}
