@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -98,6 +101,18 @@ def test_resume_equals_uninterrupted(tiny_base, concept_dirs, tmp_path, monkeypa
         torch.testing.assert_close(a.weights[k], b.weights[k], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(a.tokens["<new1>"], b.tokens["<new1>"], rtol=1e-5, atol=1e-7)
     assert not tr.checkpoint_dir(out).exists()
+
+
+def test_a_delta_names_no_folder_of_the_machine_that_made_it(trained_delta, tiny_base, concept_dirs):
+    from customdiff.delta import read_metadata
+
+    meta = read_metadata(trained_delta)
+    folders = {str(Path(p).parent) for p in (tiny_base, trained_delta, *concept_dirs.values())}
+    assert not [(k, f) for k, v in meta.items() for f in folders if f in v]
+    config = json.loads(meta["config"])
+    assert config["concepts"][0]["instance_dir"] == Path(concept_dirs["a"]).name
+    assert config["concepts"][0]["instance_prompt"] == "photo of a <new1> cat"  # what merge reads
+    assert json.loads(meta["base"])["name"] == Path(tiny_base).name and config["out"] == Path(trained_delta).name
 
 
 @pytest.fixture(scope="module")

@@ -127,6 +127,16 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+def public_name(value: str | None, is_path: bool = False) -> str:
+    """What a delta records of a local path: its last component, since deltas are shared and the folders of the
+    machine that made them are nobody's business. A base that is no local path ('toy', a hub id) stays as is;
+    with `is_path`, the value is a path whether it exists or not."""
+    if not value:
+        return ""
+    p = Path(value)
+    return p.name if (is_path or p.exists()) and p.name else value
+
+
 def save_delta(delta: Delta, path: str | Path) -> None:
     """Write a delta atomically as safetensors with self-describing metadata."""
     tensors = {UNET_PREFIX + k: v.detach().contiguous().cpu() for k, v in delta.weights.items()}

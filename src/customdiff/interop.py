@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .conditioning import SD_PIPELINE, XL_PIPELINE, is_xl, pipeline_name, sides
-from .delta import Delta, base_fingerprint
+from .delta import Delta, base_fingerprint, public_name
 from .errors import UserError
 from .outputs import staged
 
@@ -490,9 +490,9 @@ def import_reference(path: str | Path | Sequence[str | Path], pipe: Any, base_na
     log.info("imported %s (%s): %d matrices, tokens %s", path, fmt, len(weights), list(tokens))
     return Delta(
         weights=weights, tokens=tokens, tokens_2=tokens_2, trained="crossattn_kv" if kv else "crossattn",
-        base={"name": base_name, "fingerprint": base_fingerprint(pipe.unet, names), "vocab_size": len(pipe.tokenizer),
+        base={"name": public_name(base_name), "fingerprint": base_fingerprint(pipe.unet, names), "vocab_size": len(pipe.tokenizer),
               "pipeline": pipeline_name(pipe)},
         token_info=[{"token": t, "initializer": "", "class": classes[i] if classes else ""}
                     for i, t in enumerate(tokens)],
-        config={"imported_from": str(path), "import_format": fmt},
+        config={"imported_from": public_name(str(path), True), "import_format": fmt},
         extra={"import_source": json.dumps({"file": path.name, "format": fmt})})

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .conditioning import pipeline_name, states_for
-from .delta import NORM_RTOL, Delta, apply_deltas, base_fingerprint, check_base, check_family
+from .delta import NORM_RTOL, Delta, apply_deltas, base_fingerprint, check_base, check_family, public_name
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -356,13 +356,13 @@ def merge_deltas(deltas: Sequence[Delta], pipe: Any, reg_captions: Sequence[str]
     elapsed = time.perf_counter() - t0
     log.info("merged %d deltas (%d K/V matrices) in %.2f s; worst constraint residual %.2e",
              len(deltas), len(residuals), elapsed, worst)
-    sources_meta = [{"source": s, "base": d.base.get("name", ""), "trained": d.trained,
+    sources_meta = [{"source": public_name(s, True), "base": d.base.get("name", ""), "trained": d.trained,
                      "tokens": {t: maps[i][t] for t in d.tokens}} for i, (d, s) in enumerate(zip(deltas, sources,
                                                                                                    strict=True))]
     return Delta(
         weights=weights, tokens=tokens, tokens_2=tokens_2, trained=trained,
-        base={"name": base_name or deltas[0].base.get("name", ""), "fingerprint": base_fingerprint(pipe.unet, names),
-              "vocab_size": len(pipe.tokenizer), "pipeline": pipeline_name(pipe)},
+        base={"name": public_name(base_name) or deltas[0].base.get("name", ""),
+              "fingerprint": base_fingerprint(pipe.unet, names), "vocab_size": len(pipe.tokenizer), "pipeline": pipeline_name(pipe)},
         token_info=token_info,
         config={"merge": {"ridge": ridge, "pad_weight": pad_weight, "reg_captions": len(reg_captions), "constraint_rows": solver.C.shape[0],
                           "exact": solver.exact, "seconds": round(elapsed, 3)}},

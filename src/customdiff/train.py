@@ -23,7 +23,16 @@ from .compress import compress_delta
 from .conditioning import XL_PIPELINE, is_xl, pipeline_name, sides, tokenize
 from .config import TrainConfig
 from .data import ConceptSpec, TrainData, prefetch, validate_concepts
-from .delta import Delta, atomic_save, base_fingerprint, check_finite, read_metadata, read_tensors, save_delta
+from .delta import (
+    Delta,
+    atomic_save,
+    base_fingerprint,
+    check_finite,
+    public_name,
+    read_metadata,
+    read_tensors,
+    save_delta,
+)
 from .errors import UserError
 from .graphs import GraphedUNet, graphs_unusable
 from .model import CustomDiffusion, vae_call_pixels
@@ -62,6 +71,12 @@ class StopRequest:
 
     requested: bool = False
     in_loop: bool = False
+
+
+def _public_spec(spec: ConceptSpec) -> dict[str, Any]:
+    """A concept as its delta records it: prompts, and its folders and files by name only (see public_name)."""
+    return {**asdict(spec), **{k: public_name(getattr(spec, k), True)
+                               for k in ("instance_dir", "reg_dir", "reg_captions")}}
 
 
 def storage_dtype(cfg: TrainConfig, pipe: Any) -> torch.dtype:
@@ -376,12 +391,13 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
             tokens={t: final["tokens"][i] for i, t in enumerate(tokens)},
             tokens_2={t: final["tokens_2"][i] for i, t in enumerate(tokens)} if "tokens_2" in final else {},
             trained=cfg.train,
-            base={"name": cfg.base, "fingerprint": fingerprint, "vocab_size": len(tokenizer) - len(tokens),
-                  "pipeline": pipeline_name(pipe)},
+            base={"name": public_name(cfg.base), "fingerprint": fingerprint,
+                  "vocab_size": len(tokenizer) - len(tokens), "pipeline": pipeline_name(pipe)},
             token_info=[{"token": t, "initializer": w, "class": next(s.class_word() for s in specs if t in s.tokens)}
                         for t, w in zip(tokens, inits, strict=True)],
-            config={**cfg.to_dict(), "concepts": [asdict(s) for s in specs], "resolution": size,
-                    "effective_learning_rate": lr, "num_processes": world})
+            config={**cfg.to_dict(), "base": public_name(cfg.base), "out": public_name(cfg.out, True),
+                    "logdir": public_name(cfg.logdir, True), "concepts": [_public_spec(s) for s in specs],
+                    "resolution": size, "effective_learning_rate": lr, "num_processes": world})
         if cfg.compress_energy:
             delta = compress_delta(delta, energy=cfg.compress_energy)
         save_delta(delta, out)
