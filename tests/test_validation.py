@@ -249,6 +249,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
     ("sample-n-zero", lambda e: _sample(e, "--n", "0"), 2, "--n 0"),
     ("sample-guidance-nan", lambda e: _sample(e, "--guidance", "nan"), 2, "finite"),
     ("sample-resolution-odd", lambda e: _sample(e, "--resolution", "33"), 2, "multiple of"),
+    ("sample-steps-beyond-the-solver", lambda e: _sample(e, "--scheduler", "dpm++", "--steps", "999"), 2,
+     "DPMSolverMultistepScheduler places timestep 1000 beyond its 1000 training steps"),
     ("sample-steps-beyond-schedule", lambda e: _sample(e, "--steps", "5000"), 2, "scheduler's training steps"),
     ("merge-ridge-negative", lambda e: ["merge", str(e.delta), str(e.delta), "--base", e.base, "--ridge", "-1",
                                         "-o", str(e.tmp / "out" / "m.safetensors")], 2, "--ridge"),

@@ -64,6 +64,17 @@ def step_check(cancel: threading.Event | None) -> Callable[[Any, int, Any, dict[
     return check
 
 
+def check_timesteps(pipe: Any, steps: int) -> None:
+    """Refuse a step count whose timesteps this scheduler places past its training range (DPM-Solver++ with
+    "leading" spacing does at 999 steps on SD's config): diffusers would index past the noise schedule."""
+    sched = pipe.scheduler
+    sched.set_timesteps(steps)  # what the pipeline does first anyway
+    last, limit = int(sched.timesteps.max()), int(sched.config.num_train_timesteps)
+    if last >= limit:
+        raise UserError(f"--steps {steps}: {type(sched).__name__} places timestep {last} beyond its {limit} training "
+                        "steps at this count; use fewer --steps")
+
+
 @torch.no_grad()
 def generate(pipe: Any, prompt: str, n: int = 1, seed: int = 0, steps: int = 50, guidance: float = 7.5,
              resolution: int | None = None, negative_prompt: str | None = None,
@@ -72,6 +83,7 @@ def generate(pipe: Any, prompt: str, n: int = 1, seed: int = 0, steps: int = 50,
 
     Latents and decoded pixels are checked for NaN/inf (a NonFiniteError instead of black images); setting
     `cancel` (from another thread) stops it at the next step with SamplingCancelled."""
+    check_timesteps(pipe, steps)
     kw: dict[str, Any] = {}
     if resolution:
         kw.update(height=resolution, width=resolution)
@@ -105,6 +117,7 @@ def sample_to_dir(pipe: Any, prompts: Sequence[str], out: str | Path, n: int = 1
     from .outputs import make_dirs, write_image_folder
 
     out = Path(out)
+    check_timesteps(pipe, steps)  # before the folder is made
     created = make_dirs(out)
     try:
         images, index = [], []
