@@ -187,6 +187,18 @@ def test_bad_requests_are_one_line_messages(server):
     assert status == 400 and "0 photo(s): give 3 to 20" in r["error"], r
 
 
+def test_fields_left_out_take_the_pages_defaults_for_this_base(server):
+    files, cls = _photos()
+    defaults = server.get("/api/info")["defaults"]
+    status, r = server.post_form("/api/jobs", {"class_word": cls, "steps": 2, "learning_rate": "", "reg": "toy"},
+                                 files)
+    assert status == 200, r
+    job = server.wait_job(r["id"], lambda j: j["state"] == "done")
+    assert job["config"]["learning_rate"] == defaults["learning_rate"] == 1e-4  # the toy recipe's, not SD's 1e-5
+    assert job["config"]["batch_size"] == defaults["batch_size"] and job["preview_every"] == defaults["preview_every"]
+    assert job["config"]["token_lr_scale"] == defaults["token_lr_scale"]
+
+
 def _toy_delta(tmp_path: Path, token_width: int = 0, **extra: str) -> bytes:
     """A valid (zero-change) delta for the toy base, with a token row of `token_width` (0: the base's) and
     extra metadata."""

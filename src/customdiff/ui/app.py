@@ -167,20 +167,26 @@ def create_app(wd: Workdir, trainer: Trainer, tasks: Tasks, base: str, loopback:
     async def submit(
         class_word: Annotated[str, Form()],
         photos: Annotated[list[UploadFile] | None, File()] = None,
-        token: Annotated[str, Form()] = "<new1>",
+        token: Annotated[str | None, Form()] = None,
         name: Annotated[str, Form()] = "",
-        template: Annotated[str, Form()] = "photo of a {token} {class}",
-        steps: Annotated[int, Form()] = 250,
-        learning_rate: Annotated[float, Form()] = 1e-5,
-        seed: Annotated[int, Form()] = 0,
-        batch_size: Annotated[int, Form()] = 8,
-        reg: Annotated[str, Form()] = "generated",
-        num_class_images: Annotated[int, Form()] = 200,
-        preview_every: Annotated[int, Form()] = 25,
-        preview_steps: Annotated[int, Form()] = 20,
-        checkpoint_every: Annotated[int, Form()] = 25,
+        template: Annotated[str | None, Form()] = None,
+        steps: Annotated[int | None, Form()] = None,
+        learning_rate: Annotated[float | None, Form()] = None,
+        seed: Annotated[int | None, Form()] = None,
+        batch_size: Annotated[int | None, Form()] = None,
+        reg: Annotated[str | None, Form()] = None,
+        num_class_images: Annotated[int | None, Form()] = None,
+        preview_every: Annotated[int | None, Form()] = None,
+        preview_steps: Annotated[int | None, Form()] = None,
+        checkpoint_every: Annotated[int | None, Form()] = None,
         reg_files: Annotated[list[UploadFile] | None, File()] = None,
     ) -> dict[str, Any]:
+        # a field left out (or empty) takes the value the page starts with for this base
+        given = {"token": token, "template": template, "steps": steps, "learning_rate": learning_rate, "seed": seed,
+                 "batch_size": batch_size, "reg": reg, "num_class_images": num_class_images,
+                 "preview_every": preview_every, "preview_steps": preview_steps, "checkpoint_every": checkpoint_every}
+        (token, template, steps, learning_rate, seed, batch_size, reg, num_class_images, preview_every, preview_steps,
+         checkpoint_every) = (settings.defaults[k] if v is None else v for k, v in given.items())
         class_word, token, template = class_word.strip(), token.strip(), " ".join(template.split())
         _check(bool(re.match(CLASS_RE, class_word)), f"class word {display_name(class_word)!r}: give one word "
                "such as dog, mug or square (letters, digits, '-')")
