@@ -49,8 +49,9 @@ def test_train_choices_match_the_surgery():
 def test_resume_relevance_is_field_metadata():
     cfg = TrainConfig(initializer=["ktn"])
     saved = cfg.to_dict()
-    later = TrainConfig(initializer=("ktn",), steps=500, resume=True, checkpoint_every=10, logdir="logs")
-    assert later.resume_changes(saved) == []  # more steps, checkpointing and logging may change
+    later = TrainConfig(initializer=("ktn",), steps=500, resume=True, checkpoint_every=10, logdir="logs",
+                        out="../run/./d.safetensors")
+    assert later.resume_changes(saved) == []  # more steps, checkpointing, logging and --out's spelling may change
     assert TrainConfig(initializer=["ktn"], learning_rate=2e-5, seed=3).resume_changes(saved) == ["seed",
                                                                                                  "learning_rate"]
 

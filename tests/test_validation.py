@@ -45,8 +45,8 @@ def _train(env: Env, *extra: str, concept: str | None = None, out: str | None = 
 
 
 def _sample(env: Env, *extra: str, out: str | None = None, delta: Path | None = None) -> list[str]:
-    args = ["sample", "--base", env.base, "--prompt", PROMPT, "--n", "1", "--steps", "2",
-            "--out", out or str(env.tmp / "s")]
+    args = ["sample", "--base", env.base, "--prompt", PROMPT if delta is not None else "photo of a cat", "--n", "1",
+            "--steps", "2", "--out", out or str(env.tmp / "s")]
     if delta is not None:
         args += ["--delta", str(delta)]
     return args + list(extra)
@@ -249,6 +249,13 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
     ("sample-n-zero", lambda e: _sample(e, "--n", "0"), 2, "--n 0"),
     ("sample-guidance-nan", lambda e: _sample(e, "--guidance", "nan"), 2, "finite"),
     ("sample-resolution-odd", lambda e: _sample(e, "--resolution", "33"), 2, "multiple of"),
+    ("sample-token-without-its-delta", lambda e: _sample(e, "--prompt", PROMPT), 2,
+     "the prompt uses <new1>, which no --delta defines"),
+    ("retrieve-index-is-a-delta", lambda e: ["retrieve", "--corpus", e.reg, "--class-prompt", "cat", "-n", "2",
+                                             "--index", str(e.delta), "-o", str(e.tmp / "r")], 2,
+     "exists and is not a retrieval index (format 'customdiff.delta')"),
+    ("out-name-too-long", lambda e: _train(e, out=str(e.tmp / ("a" * 245 + ".safetensors"))), 2,
+     "choose a shorter name"),
     ("sample-steps-beyond-the-solver", lambda e: _sample(e, "--scheduler", "dpm++", "--steps", "999"), 2,
      "DPMSolverMultistepScheduler places timestep 1000 beyond its 1000 training steps"),
     ("sample-steps-beyond-schedule", lambda e: _sample(e, "--steps", "5000"), 2, "scheduler's training steps"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import warnings
@@ -164,6 +165,12 @@ class BaseFacts:
 
 
 STEPS_WHY = " (the scheduler's training steps less its steps_offset)"
+SAMPLING_MULTIPLE_WHY = " (diffusers samples sizes divisible by 8, and by the VAE's factor)"
+
+
+def sampling_multiple(facts: BaseFacts) -> int:
+    """What a sampling size must be a multiple of: 8 (diffusers' pipelines refuse others) and the VAE factor."""
+    return math.lcm(8, facts.factor)
 
 
 def _read_config(path: Path) -> dict[str, Any]:

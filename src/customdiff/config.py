@@ -61,7 +61,8 @@ class TrainConfig:
     """Everything that determines a training run (saved in the delta's metadata)."""
 
     base: str = opt("toy", BASE_HELP)
-    out: str = opt("", "output delta file (.safetensors)")
+    # the checkpoint is found beside --out, so how its path is spelled (or whether the folder moved) is no change
+    out: str = opt("", "output delta file (.safetensors)", resume=False)
     train: str = opt("crossattn_kv", "what to fine-tune besides the new tokens: crossattn_kv (attn2 to_k/to_v, "
                      "Custom Diffusion), crossattn (all of attn2); baselines: unet (DreamBooth-style, whole UNet), "
                      "tokens (Textual Inversion, token embeddings only)",

@@ -187,16 +187,24 @@ def _probe_metrics(judge: Any, e: EvalEntry, images: list[Image.Image], prompts:
 
 def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Load everything, evaluate, and publish metrics.json, metrics.md and images/ into `cfg.out` atomically."""
-    from .base import STEPS_WHY, base_facts, check_device, load_pipeline
+    from .base import (
+        SAMPLING_MULTIPLE_WHY,
+        STEPS_WHY,
+        base_facts,
+        check_device,
+        load_pipeline,
+        sampling_multiple,
+    )
     from .conditioning import pipeline_name
     from .delta import apply_deltas, load_delta
-    from .validate import check_number
+    from .validate import check_multiple, check_number
 
     cfg.validate()
     device = check_device(cfg.device)
     facts = base_facts(cfg.base)
     if facts is not None and cfg.images is None:
         check_number("--steps", cfg.steps, 1, facts.max_sampling_steps, why=STEPS_WHY)
+        check_multiple("--resolution", cfg.resolution, sampling_multiple(facts), SAMPLING_MULTIPLE_WHY)
     out = check_out(cfg.out, "eval", METRICS_FILE, replaces=[IMAGES_DIR])
     entries = read_dataset(cfg.dataset, cfg.entries)
     check_folders(entries)

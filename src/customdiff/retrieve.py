@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -26,7 +26,7 @@ from .delta import atomic_save
 from .errors import UserError
 from .features import ClipFeatures
 from .outputs import check_out, staged
-from .validate import read_text
+from .validate import read_text, warn
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def scan_corpus(corpus: Path) -> list[tuple[str, int, int]]:
             st = p.stat()
             found.append((p.relative_to(corpus).as_posix(), st.st_mtime_ns, st.st_size))
     if uncaptioned:
-        log.warning("%s: skipped %d images without a same-stem .txt caption", corpus, uncaptioned)
+        warn(f"{corpus}: skipped {uncaptioned} images without a same-stem .txt caption")
     return sorted(found)
 
 
@@ -63,8 +63,6 @@ def _load_index(path: Path, fingerprint: str) -> dict[tuple[str, int, int], Tens
     if not path.is_file():
         return {}
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if meta.get("format") != INDEX_FORMAT or meta.get("clip") != fingerprint:
@@ -72,7 +70,7 @@ def _load_index(path: Path, fingerprint: str) -> dict[tuple[str, int, int], Tens
             return {}
         t = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        log.warning("%s: unreadable index (%s); rebuilding", path, e)
+        warn(f"{path}: unreadable index ({e}); rebuilding")
         return {}
     names = t["names"].numpy().tobytes().decode("utf-8", "surrogateescape").split("\n") if t["names"].numel() else []
     keys = zip(names, t["mtime_ns"].tolist(), t["size"].tolist(), strict=True)
@@ -91,7 +89,7 @@ def _save_index(path: Path, cache: dict[tuple[str, int, int], Tensor], fingerpri
     try:
         atomic_save(tensors, {"format": INDEX_FORMAT, "format_version": "1", "clip": fingerprint}, path)
     except OSError as e:  # a read-only corpus still works, only without the cache
-        log.warning("cannot write the index %s (%s); embeddings will be recomputed next time", path, e)
+        warn(f"cannot write the index {path} ({e}); embeddings will be recomputed next time")
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -100,12 +98,14 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 
 def build_index(corpus: str | Path, clip: ClipFeatures, index_path: str | Path | None = None,
-                progress: bool = False, batch_size: int = 64) -> tuple[list[str], Tensor]:
-    """Relative names and L2-normalised CLIP embeddings (N, D) of the corpus's captioned images, embedding
-    only files that are new or changed since the cached index (which is then updated)."""
+                progress: bool = False, batch_size: int = 64,
+                files: list[tuple[str, int, int]] | None = None) -> tuple[list[str], Tensor]:
+    """Relative names and L2-normalised CLIP embeddings (N, D) of the corpus's captioned images (`files`: its
+    scan_corpus, when the caller has it), embedding only files that are new or changed since the cached index
+    (which is then updated)."""
     corpus = Path(corpus)
     path = Path(index_path) if index_path else corpus / INDEX_FILE
-    files = scan_corpus(corpus)
+    files = scan_corpus(corpus) if files is None else files
     fp = clip.fingerprint()
     cached = _load_index(path, fp)
     cache = {k: cached[k] for k in files if k in cached}  # drops deleted and changed files
@@ -121,7 +121,7 @@ def build_index(corpus: str | Path, clip: ClipFeatures, index_path: str | Path |
                     images.append(load_image(corpus / k[0]))
                     ok.append(k)
                 except UserError as e:
-                    log.warning("skipping %s", e)
+                    warn(f"skipping {e}")
                     broken.add(k)
             for k, row in zip(ok, clip.image_features(images), strict=True):
                 cache[k] = row
@@ -151,23 +151,55 @@ def top_k(feats: Tensor, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(s[0]), torch.from_numpy(i[0]).long()
 
 
-def _check_out(out: Path, corpus: Path) -> None:
+def _check_out(out: Path, corpus: Path, index: Path | None) -> None:
     if out.resolve().is_relative_to(corpus.resolve()):
         raise UserError(f"--out {out}: inside the corpus {corpus}; its copies would be indexed again")
     check_out(out, "retrieve", MARKER)
+    if index is None:  # the default index, corpus/.customdiff_index.safetensors, is ours to rebuild
+        return
+    if index.resolve().is_relative_to(out.resolve()):
+        raise UserError(f"--index {index}: inside --out {out}, which is replaced when the retrieval is published")
+    if index.suffix != ".safetensors":
+        raise UserError(f"--index {index}: the index file must end in .safetensors")
+    if index.is_dir():
+        raise UserError(f"--index {index}: is a folder; give a file name such as {index / INDEX_FILE.lstrip('.')}")
+    if index.exists():
+        try:
+            with safe_open(str(index), framework="pt") as f:
+                kind = (f.metadata() or {}).get("format")
+        except (SafetensorError, OSError):
+            kind = None
+        if kind != INDEX_FORMAT:
+            raise UserError(f"--index {index}: exists and is not a retrieval index (format {kind!r}); it would be "
+                            "overwritten: choose another file")
 
 
-def retrieve(corpus: str | Path, class_prompt: str, n: int, out: str | Path, clip: ClipFeatures,
-             index_path: str | Path | None = None, progress: bool = False) -> list[dict]:
-    """Copy the n corpus images most similar to `class_prompt` into `out` as 000000.png + 000000.txt
-    (caption), atomically; returns [{"file", "source", "caption", "score"}] best first."""
+def check_retrieval(corpus: str | Path, class_prompt: str, n: int, out: str | Path,
+                    index_path: str | Path | None = None) -> list[tuple[str, int, int]]:
+    """Everything `retrieve` can check before CLIP loads (prompt, output, index file, enough captioned
+    images); the corpus scan."""
     corpus, out = Path(corpus), Path(out)
     if n < 1:
         raise UserError("-n must be at least 1")
     if not class_prompt.strip():
         raise UserError("--class-prompt is empty; give a prompt such as 'photo of a cat'")
-    _check_out(out, corpus)
-    names, feats = build_index(corpus, clip, index_path, progress)
+    _check_out(out, corpus, Path(index_path) if index_path else None)
+    files = scan_corpus(corpus)
+    if len(files) < n:
+        raise UserError(f"--corpus {corpus}: only {len(files)} captioned images, fewer than -n {n}")
+    return files
+
+
+def retrieve(corpus: str | Path, class_prompt: str, n: int, out: str | Path, clip: ClipFeatures,
+             index_path: str | Path | None = None, progress: bool = False,
+             files: list[tuple[str, int, int]] | None = None) -> list[dict]:
+    """Copy the n corpus images most similar to `class_prompt` into `out` as 000000.png + 000000.txt
+    (caption), atomically; returns [{"file", "source", "caption", "score"}] best first. `files`: what
+    check_retrieval returned, when the caller ran it."""
+    corpus, out = Path(corpus), Path(out)
+    if files is None:
+        files = check_retrieval(corpus, class_prompt, n, out, index_path)
+    names, feats = build_index(corpus, clip, index_path, progress, files=files)
     if len(names) < n:
         raise UserError(f"--corpus {corpus}: only {len(names)} captioned images, fewer than -n {n}")
     query = clip.text_features([class_prompt])[0]  # (D,)

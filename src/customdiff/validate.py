@@ -88,6 +88,9 @@ SEED_MAX = 2**32 - 1  # training seeds: numpy's SeedSequence refuses negatives; 
 # ---------------------------------------------------------------- output paths
 
 
+_SIBLING_EXTRA = 16  # ".NAME.xxxxxxxx.tmp" staging names and the "NAME.ckpt" checkpoint folder
+
+
 def _existing_ancestor(path: Path) -> Path:
     p = path.absolute()
     while not p.exists():
@@ -117,11 +120,29 @@ def check_free_space(flag: str, path: Path, need_bytes: int) -> None:
                         "free on that disk; free some space or choose another disk")
 
 
+def _check_name_length(flag: str, p: Path) -> None:
+    """Refuse a name too long to leave room for the temporary and checkpoint names made beside it."""
+    try:
+        limit = os.pathconf(_existing_ancestor(p.parent), "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    if len(p.name.encode()) + _SIBLING_EXTRA > limit:
+        raise UserError(f"{flag} {path_text(p)}: the name is {len(p.name.encode())} bytes; the temporary and checkpoint "
+                        f"files beside it need it at most {limit - _SIBLING_EXTRA}: choose a shorter name")
+
+
+def path_text(p: Path) -> str:
+    """A path for a message, its name cut to 60 characters."""
+    return str(p) if len(p.name) <= 60 else str(p.parent / (p.name[:57] + "..."))
+
+
 def check_out_file(flag: str, path: str | Path, suffix: str | None = None, need_bytes: int = 0) -> Path:
-    """An output file: right suffix, not a folder, parent a (creatable, writable) folder, space for it."""
+    """An output file: right suffix, a name short enough, not a folder, parent a (creatable, writable) folder,
+    space for it."""
     p = Path(path)
     if not str(path).strip():
         raise UserError(f"{flag}: empty output path")
+    _check_name_length(flag, p)
     if suffix and p.suffix != suffix:
         raise UserError(f"{flag} {path}: the output file must end in {suffix}")
     if p.is_dir():
@@ -134,10 +155,12 @@ def check_out_file(flag: str, path: str | Path, suffix: str | None = None, need_
 
 
 def check_out_dir(flag: str, path: str | Path, need_bytes: int = 0) -> Path:
-    """An output folder: not an existing file, parent writable, space for the expected output."""
+    """An output folder: a name short enough, not an existing file, parent writable, space for the expected
+    output."""
     p = Path(path)
     if not str(path).strip():
         raise UserError(f"{flag}: empty output path")
+    _check_name_length(flag, p)
     if p.exists() and not p.is_dir():
         raise UserError(f"{flag} {path}: exists and is a file, not a folder; choose a folder name")
     if p.is_dir():

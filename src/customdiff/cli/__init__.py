@@ -49,13 +49,26 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _Lines(logging.Formatter):
+    """The message alone; a warning starts with `warning:` however the library worded it."""
+
+    def __init__(self) -> None:
+        super().__init__("%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno == logging.WARNING and not text.startswith("warning:"):
+            text = "warning: " + text
+        return text
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     ours = logging.getLogger("customdiff")
     for h in [h for h in ours.handlers if isinstance(h, _StderrHandler)]:
         ours.removeHandler(h)
     handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_Lines())
     ours.addHandler(handler)
     ours.setLevel(logging.WARNING if quiet else logging.INFO)
     ours.propagate = False  # one line per record, whatever the root logger has
@@ -94,8 +107,11 @@ def _fail(command: str | None, message: str, code: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `customdiff` command."""
     logging.disable(logging.NOTSET)  # an earlier failed call in this process silenced logging
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.quiet)
+    try:
+        args = build_parser().parse_args(argv)
+        _setup_logging(args.quiet)  # imports diffusers and transformers: seconds in which Ctrl-C may come
+    except KeyboardInterrupt:
+        return _fail(None, "interrupted", 130)
     try:
         args.func(args)
     except UserError as e:
@@ -105,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             where = f" writing {e.filename}" if e.filename else ""
             return _fail(args.command, f"the disk is full{where} ({e.strerror}); nothing partial was kept: "
                          "free some space and run again", 1)
+        if e.errno == errno.ENAMETOOLONG:
+            return _fail(args.command, f"{e.filename or 'a path'}: file name too long; choose a shorter name", 2)
         if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             return _fail(args.command, f"{e.filename or 'a file'}: {e.strerror}; choose a path you can write", 2)
         raise

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .flags import DTYPES, add_base, add_deltas, add_device, add_out, device
 
 
@@ -22,7 +24,7 @@ def load_with_deltas(base: str, deltas: list[Any], delta_paths: list[str], on: s
 
 def _check_door(a: argparse.Namespace, prompts: list[str]) -> None:
     """Flags, base facts and the output folder of `sample`, before any model loads."""
-    from ..base import STEPS_WHY, base_facts
+    from ..base import SAMPLING_MULTIPLE_WHY, STEPS_WHY, base_facts, sampling_multiple
     from ..validate import check_multiple, check_number, check_out_dir
 
     check_number("--n", a.n, 1, 10_000)
@@ -32,11 +34,30 @@ def _check_door(a: argparse.Namespace, prompts: list[str]) -> None:
     check_number("--resolution", a.resolution, 8, 8192)
     facts = base_facts(a.base)
     if facts is not None:
-        check_multiple("--resolution", a.resolution, facts.factor, " (the VAE's factor)")
+        check_multiple("--resolution", a.resolution, sampling_multiple(facts), SAMPLING_MULTIPLE_WHY)
         check_number("--steps", a.steps, 1, facts.max_sampling_steps, why=STEPS_WHY)
     side = a.resolution or (facts.native_resolution if facts else 512)
     per_image = side * side * 3 // 2 + 4096  # a generous PNG size (noise compresses badly)
     check_out_dir("--out", a.out, need_bytes=2 * per_image * a.n * len(prompts))
+
+
+def _check_prompt_tokens(base: str, texts: list[str], deltas: list[Any]) -> None:
+    """Refuse a modifier token (`<new1>`) that no --delta defines and the base's tokenizer files never mention:
+    the tokenizer would split it into pieces and the sample would silently ignore the concept."""
+    from ..base import resolve_base
+    from ..tokens import find_tokens
+
+    defined = {t for d in deltas for t in d.tokens}
+    missing = [t for t in dict.fromkeys(t for x in texts for t in find_tokens(x)) if t not in defined]
+    folder = Path(resolve_base(base))
+    if not missing or not folder.is_dir():  # a hub id: its tokenizer is not here to read
+        return
+    files = [f for sub in ("tokenizer", "tokenizer_2") for f in sorted((folder / sub).glob("*")) if f.is_file()]
+    known = "".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    for tok in missing:
+        if tok not in known:
+            raise UserError(f"the prompt uses {tok}, which no --delta defines (the base's tokenizer does not know "
+                            f"it either); pass the delta that teaches {tok} with --delta FILE")
 
 
 def _cmd_sample(a: argparse.Namespace) -> None:
@@ -49,6 +70,7 @@ def _cmd_sample(a: argparse.Namespace) -> None:
         prompts = a.prompt or read_prompts(a.prompts_file)
         _check_door(a, prompts)
         deltas = [load_delta(p) for p in paths]  # validate every file before the slow base load
+        _check_prompt_tokens(a.base, [*prompts, a.negative_prompt or ""], deltas)
     pipe, _ = load_with_deltas(a.base, deltas, paths, device(a.device), a.dtype)
     set_scheduler(pipe, a.scheduler)
     sample_to_dir(pipe, prompts, a.out, n=a.n, seed=a.seed, steps=a.steps, guidance=a.guidance,

@@ -77,7 +77,7 @@ def _first_interrupt_stops(interrupt: StopRequest) -> Iterator[None]:
 
 def _cmd_retrieve(a: argparse.Namespace) -> None:
     from ..features import ClipFeatures, resolve_clip
-    from ..retrieve import retrieve
+    from ..retrieve import check_retrieval, retrieve
     from ..validate import check_number, check_out_dir, deferred_warnings
 
     refuse_base(a)
@@ -87,8 +87,9 @@ def _cmd_retrieve(a: argparse.Namespace) -> None:
             raise UserError(f"--corpus {a.corpus}: no such folder")
         check_out_dir("--out", a.out)
         clip = resolve_clip(a.clip, None)
+        files = check_retrieval(a.corpus, a.class_prompt, a.n, a.out, a.index)
     retrieve(a.corpus, a.class_prompt, a.n, a.out, ClipFeatures(clip, device=device(a.device)), index_path=a.index,
-             progress=not a.quiet)
+             progress=not a.quiet, files=files)
     print(a.out)
 
 
