@@ -104,3 +104,20 @@ def test_list_images_skips_what_the_system_writes(tmp_path):
         (tmp_path / name).write_bytes(b"\0")
     (tmp_path / "album").mkdir()
     assert list_images(tmp_path) == [tmp_path / "x.png"]
+
+
+def test_a_concepts_path_that_names_two_folders_is_refused(tmp_path, monkeypatch):
+    import json
+
+    from customdiff.data import read_concepts_file
+
+    for root in (tmp_path / "cwd", tmp_path / "lists"):
+        (root / "photos").mkdir(parents=True)
+    listing = tmp_path / "lists" / "concepts.json"
+    listing.write_text(json.dumps([{"instance_prompt": "a <new1> cat", "class_prompt": "cat",
+                                    "instance_data_dir": "photos"}]))
+    monkeypatch.chdir(tmp_path / "cwd")
+    with pytest.raises(UserError, match="photos names both .* write an absolute path"):
+        read_concepts_file(listing)
+    (tmp_path / "cwd" / "photos").rmdir()  # only beside the file: that one
+    assert read_concepts_file(listing)[0].instance_dir == str(tmp_path / "lists" / "photos")

@@ -256,6 +256,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
      "exists and is not a retrieval index (format 'customdiff.delta')"),
     ("out-name-too-long", lambda e: _train(e, out=str(e.tmp / ("a" * 245 + ".safetensors"))), 2,
      "choose a shorter name"),
+    ("token-past-the-text-encoder", lambda e: _train(e, "--instance-prompt", "a very " * 80 + "<new1> cat"), 2,
+     "tokens the text encoder reads (with an augmentation prefix)"),
     ("sample-steps-beyond-the-solver", lambda e: _sample(e, "--scheduler", "dpm++", "--steps", "999"), 2,
      "DPMSolverMultistepScheduler places timestep 1000 beyond its 1000 training steps"),
     ("sample-steps-beyond-schedule", lambda e: _sample(e, "--steps", "5000"), 2, "scheduler's training steps"),
@@ -332,6 +334,10 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
      "not UTF-8"),
     ("concepts-no-token", lambda e: _train_concepts(e, [_concept_entry(e, instance_prompt="photo of a cat")]), 2,
      "no modifier token"),
+    ("concepts-caption-file-missing", lambda e: _train_concepts(e, [_concept_entry(e, class_prompt="caps/none.txt")]),
+     2, "class_prompt 'caps/none.txt' names no caption file"),
+    ("concepts-warning-then-error", lambda e: _train_concepts(e, [_concept_entry(
+        e, colour="red", instance_data_dir=str(e.tmp / "gone"))]), 2, "no such image folder"),  # the error alone
     ("concepts-and-concept", lambda e: _train_concepts(e, [_concept_entry(e)]) + ["--concept", e.concept], 2,
      "not both"),
     ("dataset-wrong-type", lambda e: _dataset(e, [{"instance_prompt": PROMPT, "class_prompt": ["cat"],
@@ -360,6 +366,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
     ("one-photo", lambda e: _train(e, concept=_one_photo(e)), 0, "1 photo of the concept; Custom Diffusion is made for"),
     ("compress-grows", lambda e: ["compress", str(e.delta), "--rank", "1000", "-o", str(e.tmp / "c.safetensors")], 0,
      "is not smaller than the full one"),
+    ("concepts-unknown-key", lambda e: (e.tmp / "out").mkdir() or _train_concepts(e, [_concept_entry(e, colour="red")]), 0,
+     "unknown key(s) 'colour'"),
     ("animated-gif", lambda e: _train(e, concept=_animated(e)), 0, "animated (3 frames); using the first frame"),
     ("out-folder-created", lambda e: _train(e, out=str(e.tmp / "new" / "deeper" / "d.safetensors")), 0,
      "created the output folder"),

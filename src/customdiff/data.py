@@ -154,11 +154,17 @@ def read_lines(path: str | Path, label: str) -> list[str]:
     return out
 
 
-def _resolve(path: str, root: Path) -> str:
+def _resolve(path: str, root: Path, where: str = "") -> str:
+    """A path from a concepts file: absolute as is; relative, from the current folder (the reference's
+    concept lists) or else from the file's folder, refused when both exist and differ."""
     p = Path(path)
-    if p.is_absolute() or p.exists():
+    if p.is_absolute():
         return str(p)
-    return str(root / p)
+    here, beside = p, root / p
+    if here.exists() and beside.exists() and here.resolve() != beside.resolve():
+        raise UserError(f"{where}: {path} names both {here.resolve()} (from the current folder) and {beside} (beside "
+                        "the concepts file); write an absolute path")
+    return str(here if here.exists() else beside)
 
 
 def read_json_list(path: Path, label: str, what: str) -> list:
@@ -192,20 +198,23 @@ def read_concepts_file(path: str | Path) -> list[ConceptSpec]:
                                 f"own token (<new1>, <new2>, ...)")
         owner.update(dict.fromkeys(toks, i))
         class_prompt, reg_captions = e["class_prompt"], None
-        cand = Path(_resolve(class_prompt, path.parent))
-        if class_prompt.endswith(".txt") and cand.is_file():  # reference: class_prompt names a caption file
+        cand = Path(_resolve(class_prompt, path.parent, where)) if class_prompt.endswith(".txt") else None
+        if cand is not None and not cand.is_file():
+            raise UserError(f"{where}: class_prompt {class_prompt!r} names no caption file (looked for {cand}); give "
+                            "the file or a prompt such as 'photo of a cat'")
+        if cand is not None:  # reference: class_prompt names a caption file
             reg_captions = str(cand)
             first = [x.strip() for x in read_text(cand, "class_prompt").splitlines() if x.strip()]
             if not first:
                 raise UserError(f"{where}: class_prompt file {cand} is empty; one caption per line")
             class_prompt = first[0]
         reg = e.get("class_data_dir")
-        inst = _resolve(e["instance_data_dir"], path.parent)
+        inst = _resolve(e["instance_data_dir"], path.parent, where)
         if any(Path(s.instance_dir).resolve() == Path(inst).resolve() for s in specs):
             warn(f"{where}: instance_data_dir {inst} is also used by another concept")
         specs.append(ConceptSpec(
             instance_dir=inst, instance_prompt=e["instance_prompt"],
-            class_prompt=class_prompt, reg_dir=_resolve(reg, path.parent) if reg else None,
+            class_prompt=class_prompt, reg_dir=_resolve(reg, path.parent, where) if reg else None,
             reg_captions=reg_captions, initializer=e.get("initializer_token") or e.get("initializer")))
     return specs
 

@@ -79,6 +79,26 @@ def _public_spec(spec: ConceptSpec) -> dict[str, Any]:
                                for k in ("instance_dir", "reg_dir", "reg_captions")}}
 
 
+def _check_token_positions(pipe: Any, specs: list[ConceptSpec], augment: bool) -> None:
+    """Refuse an instance prompt whose modifier token lands past the tokenizer's length (with the longest
+    augmentation prefix in front): the text encoder would never see it and its row would never train."""
+    from .data import FAR_PREFIXES, NEAR_PREFIXES
+
+    for side in sides(pipe):
+        tok = getattr(pipe, side.tokenizer)
+        extra = max((len(tok(p, add_special_tokens=False)["input_ids"]) for p in FAR_PREFIXES + NEAR_PREFIXES),
+                    default=0) if augment else 0
+        for s in specs:
+            for t in s.tokens:
+                before = s.instance_prompt[:s.instance_prompt.index(t)]
+                at = 1 + extra + len(tok(before, add_special_tokens=False)["input_ids"])  # 1: the start token
+                if at >= tok.model_max_length - 1:  # the last place holds the end token
+                    raise UserError(f"instance prompt {s.instance_prompt[:80]!r}: {t} comes at token {at}, past the "
+                                    f"{tok.model_max_length} tokens the text encoder reads"
+                                    f"{' (with an augmentation prefix)' if extra else ''}; shorten the words "
+                                    "before it")
+
+
 def storage_dtype(cfg: TrainConfig, pipe: Any) -> torch.dtype:
     """The dtype the weight changes are stored in: --delta-dtype, or by default float16 on SDXL (a full K/V
     delta is 1.36 GB in float32 there) and float32 otherwise."""
@@ -235,6 +255,7 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     size = cfg.resolution or unet.config.sample_size * factor
     if size % factor:
         raise UserError(f"--resolution {size} must be a multiple of the VAE's factor {factor}")
+    _check_token_positions(pipe, specs, cfg.augment)  # before class images are generated
     specs = _reg_sources(cfg, specs, pipe, is_main, accelerator, progress)
     if cfg.reg_prompt == "class":
         specs = [replace(s, reg_use_captions=False) for s in specs]

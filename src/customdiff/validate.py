@@ -25,6 +25,7 @@ from .errors import UserError
 log = logging.getLogger("customdiff")
 
 _pending: ContextVar[list[str] | None] = ContextVar("customdiff_pending_warnings", default=None)
+_handed: ContextVar[list[str] | None] = ContextVar("customdiff_handed_warnings", default=None)
 
 # errno values of a full or unwritable disk: turned into one line by the CLI
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -40,16 +41,21 @@ def warn(message: str) -> None:
 
 
 @contextlib.contextmanager
-def deferred_warnings(discard: bool = False) -> Iterator[None]:
+def deferred_warnings(discard: bool = False, hand_on: bool = False) -> Iterator[None]:
     """Hold `warn()` messages until the block ends without an error (then log them, unless `discard`:
-    for a second pass over inputs already checked); drop them when it raises."""
-    pending: list[str] = []
+    for a second pass over inputs already checked; or, with `hand_on`, pass them to the next such block, for
+    checks split over two places); drop them when it raises."""
+    pending: list[str] = _handed.get() or []
+    _handed.set(None)
     token = _pending.set(pending)
     try:
         yield
     finally:
         _pending.reset(token)
-    for m in [] if discard else pending:  # reached only when the block did not raise
+    if hand_on:  # reached only when the block did not raise
+        _handed.set(pending)
+        return
+    for m in [] if discard else pending:
         log.warning("warning: %s", m)
 
 

@@ -33,11 +33,13 @@ def _cmd_train(a: argparse.Namespace) -> None:
     from ..config import TrainConfig
     from ..data import ConceptSpec, read_concepts_file
     from ..train import StopRequest, TrainingStopped, train
+    from ..validate import deferred_warnings
 
     if a.concepts:
         if a.concept:
             raise UserError("give either --concepts FILE or --concept DIR, not both")
-        specs = read_concepts_file(a.concepts)
+        with deferred_warnings(hand_on=True):  # shown once train's own checks pass, or not at all
+            specs = read_concepts_file(a.concepts)
     else:
         if not (a.concept and a.instance_prompt and a.class_prompt):
             raise UserError("--concept DIR, --instance-prompt and --class-prompt are required (or --concepts FILE)")
