@@ -108,6 +108,11 @@ def _conv_change(t: dict, m: dict) -> None:  # what a --train unet delta holds b
     t["unet.conv_in.weight"] = torch.zeros(4, 4, 3, 3)
 
 
+def _tokens_only(t: dict, m: dict) -> None:  # what a --train tokens delta holds
+    for k in [k for k in t if k.startswith("unet.")]:
+        del t[k]
+
+
 def _nan_weight(t: dict, m: dict) -> None:
     k = next(k for k in t if k.startswith("unet."))
     t[k] = t[k].clone()
@@ -258,6 +263,9 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
      "choose a shorter name"),
     ("token-past-the-text-encoder", lambda e: _train(e, "--instance-prompt", "a very " * 80 + "<new1> cat"), 2,
      "tokens the text encoder reads (with an augmentation prefix)"),
+    ("initializer-blank", lambda e: _train(e, "--initializer", " "), 2, "--initializer: a word is empty"),
+    ("compress-token-rows-only", lambda e: ["compress", str(_delta_variant(e, _tokens_only)), "--rank", "1", "-o",
+                                            str(e.tmp / "c.safetensors")], 2, "holds no weight matrices to compress"),
     ("sample-steps-beyond-the-solver", lambda e: _sample(e, "--scheduler", "dpm++", "--steps", "999"), 2,
      "DPMSolverMultistepScheduler places timestep 1000 beyond its 1000 training steps"),
     ("sample-steps-beyond-schedule", lambda e: _sample(e, "--steps", "5000"), 2, "scheduler's training steps"),

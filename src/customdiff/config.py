@@ -131,8 +131,10 @@ class TrainConfig:
                                       "reference uses 0.6)", lo=0, hi=1.0, resume=False)
 
     def validate(self) -> None:
-        """Choices and numeric ranges of every field (before anything loads)."""
+        """Choices and numeric ranges of every field, and no blank --initializer word (before anything loads)."""
         check_fields(self)
+        if self.initializer and not all(str(w).strip() for w in self.initializer):
+            raise UserError("--initializer: a word is empty; give one word per new token, such as dog")
 
     def resume_changes(self, saved: dict[str, Any]) -> list[str]:
         """Fields that differ from a checkpoint's saved config and must not change on resume."""

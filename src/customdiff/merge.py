@@ -345,7 +345,8 @@ def merge_deltas(deltas: Sequence[Delta], pipe: Any, reg_captions: Sequence[str]
             weights[name] = (sum(have) / len(have)).to(store).cpu()
             averaged.append(name)
     if averaged:
-        log.warning("merge: %d non-K/V parameters (to_q, to_out) averaged, not merged in closed form", len(averaged))
+        log.warning("merge: %d parameters besides cross-attention K/V (e.g. %s) averaged, not merged in closed form",
+                    len(averaged), averaged[0])
     trained = "crossattn" if any(d.trained == "crossattn" for d in deltas) else "crossattn_kv"
     token_info = []
     for i, d in enumerate(deltas):

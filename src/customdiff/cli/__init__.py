@@ -62,6 +62,11 @@ class _Lines(logging.Formatter):
         return text
 
 
+def _main_process() -> bool:
+    """Whether this is the main (or only) process of an `accelerate launch` run."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     ours = logging.getLogger("customdiff")
@@ -70,7 +75,8 @@ def _setup_logging(quiet: bool) -> None:
     handler = _StderrHandler()
     handler.setFormatter(_Lines())
     ours.addHandler(handler)
-    ours.setLevel(logging.WARNING if quiet else logging.INFO)
+    # under accelerate launch the other processes would repeat every line: they report errors only
+    ours.setLevel(logging.ERROR if not _main_process() else logging.WARNING if quiet else logging.INFO)
     ours.propagate = False  # one line per record, whatever the root logger has
     for name in ("transformers", "diffusers", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -115,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:
+        if not _main_process():  # every process refuses the same input: the main one says it
+            logging.disable(logging.CRITICAL)
+            return 2
         return _fail(args.command, str(e), 2)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
