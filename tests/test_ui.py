@@ -290,6 +290,7 @@ def test_stopping_the_server_cancels_a_running_sample(tmp_path):
         assert s.stop() == 0, (tmp_path / "server.log").read_text()
     assert time.monotonic() - t0 < 60  # it stops at the next denoising step, not after all 16 images
     assert not [p for p in (tmp_path / "work" / "samples").rglob("*") if p.is_file()]
+    assert "Traceback" not in (tmp_path / "server.log").read_text()  # a cancel, not a failure
 
 
 def test_a_file_where_the_work_folder_keeps_a_folder_is_one_line(tmp_path):

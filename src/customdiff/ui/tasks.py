@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..sample import SamplingCancelled
 from .jobs import _page_message
 from .workdir import Workdir, entry, safe_name
 
@@ -50,6 +51,9 @@ class Tasks:
                 result = fn()
                 with self.lock:
                     self.tasks[task_id].update(state="done", result=result)
+            except SamplingCancelled:
+                with self.lock:
+                    self.tasks[task_id].update(state="failed", error="cancelled: the server is stopping")
             except Exception as e:  # noqa: BLE001 - shown in the page
                 if not isinstance(e, UserError):
                     log.exception("ui: task %s failed", task_id)
