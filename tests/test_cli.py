@@ -205,3 +205,23 @@ def test_version_is_the_package_version(capsys):
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     version = re.search(r'^version = "(.+)"', pyproject, re.M)[1]
     assert capsys.readouterr().out.strip() == f"customdiff {version}"
+
+
+def test_resume_warns_when_the_photos_changed(tiny_base, concept_dirs, tmp_path, capsys):
+    from customdiff.config import TrainConfig
+    from customdiff.data import ConceptSpec
+    from customdiff.train import TrainingStopped, train
+
+    photos = tmp_path / "photos"
+    shutil.copytree(concept_dirs["a"], photos)
+    out = tmp_path / "d.safetensors"
+    spec = ConceptSpec(str(photos), "photo of a <new1> cat", "photo of a cat", reg_dir=concept_dirs["reg"])
+    with pytest.raises(TrainingStopped):
+        train(TrainConfig(base=tiny_base, out=str(out), steps=4, batch_size=2), [spec], progress=False,
+              callback=lambda step, loss: step == 2)
+    args = _train_args(tiny_base, str(photos), out, "--steps", "4", "--resume", reg=concept_dirs["reg"])
+    first = sorted(photos.glob("*.png"))[0]
+    Image.open(first).rotate(90).save(first)
+    capsys.readouterr()
+    assert main(["-q", *args]) == 0
+    assert "the concept photos changed since this checkpoint" in capsys.readouterr().err

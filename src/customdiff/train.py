@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from .classimages import default_cache_dir, ensure_class_images
 from .compress import compress_delta
 from .conditioning import XL_PIPELINE, is_xl, pipeline_name, sides, tokenize
 from .config import TrainConfig
-from .data import ConceptSpec, TrainData, prefetch, validate_concepts
+from .data import ConceptSpec, TrainData, list_images, prefetch, validate_concepts
 from .delta import (
     Delta,
     atomic_save,
@@ -48,6 +49,7 @@ from .validate import (
     check_out_file,
     deferred_warnings,
     human_bytes,
+    warn,
 )
 
 log = logging.getLogger(__name__)
@@ -143,17 +145,30 @@ def _check_config(cfg: TrainConfig, specs: list[ConceptSpec],
         specs, tokens = validate_concepts(specs, cfg.resolution or (facts.native_resolution if facts else 0), cache)
         if cfg.initializer and len(cfg.initializer) != len(tokens):
             raise UserError(f"--initializer gives {len(cfg.initializer)} words for {len(tokens)} tokens {tokens}")
+        if cfg.resume and (ckpt / "latest.safetensors").is_file():
+            saved = read_metadata(ckpt / "latest.safetensors").get("photos")
+            if saved and saved != _photos_digest(specs):
+                warn(f"{ckpt}: the concept photos changed since this checkpoint; the run goes on with the new ones")
     return specs, tokens
 
 
+def _photos_digest(specs: list[ConceptSpec]) -> str:
+    """SHA-256 of every concept photo's bytes, in order: a checkpoint records it, so a resume can tell."""
+    digest = hashlib.sha256()
+    for s in specs:
+        for p in list_images(Path(s.instance_dir)):
+            digest.update(p.name.encode() + b"\0" + p.read_bytes())
+    return digest.hexdigest()
+
+
 def _save_checkpoint(path: Path, step: int, cfg: TrainConfig, params: dict[str, torch.nn.Parameter],
-                     optimizer: torch.optim.Optimizer) -> None:
+                     optimizer: torch.optim.Optimizer, photos: str = "") -> None:
     tensors: dict[str, torch.Tensor] = {}
     for name, p in params.items():
         tensors[f"param.{name}"] = p.detach().cpu().contiguous()
         for k, v in optimizer.state.get(p, {}).items():
             tensors[f"opt.{name}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    meta = {"step": str(step), "config": json.dumps(cfg.to_dict())}
+    meta = {"step": str(step), "config": json.dumps(cfg.to_dict()), "photos": photos}
     make_dirs(path.parent)
     path.mkdir(exist_ok=True)
     atomic_save(tensors, meta, path / "latest.safetensors")
@@ -345,6 +360,7 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     keys = range(start * ga, cfg.steps * ga)
     batches = prefetch(lambda key: data.batch(cfg.seed, key, rank, cfg.batch_size), keys, cfg.prefetch, pin=cuda)
     losses: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not yet read back
+    photos = _photos_digest(specs)  # recorded in checkpoints
     clock.loop()
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = benchmark or (cuda and cfg.cudnn_benchmark)
@@ -382,7 +398,7 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
             stop = stop or bool(interrupt is not None and interrupt.requested and step + 1 < cfg.steps)
             if stop or checkpoint:
                 if is_main:
-                    _save_checkpoint(ckpt, step + 1, cfg, params, getattr(optimizer, "optimizer", optimizer))
+                    _save_checkpoint(ckpt, step + 1, cfg, params, getattr(optimizer, "optimizer", optimizer), photos)
                 accelerator.wait_for_everyone()
             if stop:
                 bar.close()

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from typing import Any
 
 from .. import __version__
@@ -81,6 +82,8 @@ def _setup_logging(quiet: bool) -> None:
     for name in ("transformers", "diffusers", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the libraries' notices of their own future changes are for developers, not for a command's user
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         import diffusers
         import transformers
