@@ -12,6 +12,7 @@ import pytest
 import torch
 from tiny import make_images, make_reg_dir, write_tokenizer_files
 
+from customdiff.config import EvalConfig
 from customdiff.dataset import fill_prompt, read_dataset, strip_tokens
 from customdiff.errors import UserError
 from customdiff.features import ClipFeatures
@@ -192,6 +193,10 @@ def test_eval_end_to_end(tiny_base, tiny_clip, concept_dirs, two_token_delta, tm
         for k in ("text_alignment", "image_alignment", "kid_x1000"):
             assert r1[k] == pytest.approx(r0[k], abs=1e-4), k  # PNG round trip of the same pixels
     assert not (again / "images").exists()
+    made, scored = result["settings"], rescored["settings"]  # the images' making, not the rescoring's flags
+    assert {k: scored[k] for k in ("n", "n_class", "steps", "deltas")} == {k: made[k] for k in ("n", "n_class",
+                                                                                                "steps", "deltas")}
+    assert scored["n"] != EvalConfig().n and scored["deltas"] and scored["kid_subsets"] == 10
 
 
 def test_eval_library_matches_direct_metrics(tiny_base, tiny_clip, concept_dirs, two_token_delta, tmp_path):

@@ -6,6 +6,7 @@ See docs/EVAL.md. The metrics themselves are pure functions in metrics.py; CLIP 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -185,6 +186,21 @@ def _probe_metrics(judge: Any, e: EvalEntry, images: list[Image.Image], prompts:
             "verdicts": [v.label() for v in verdicts]}
 
 
+_MAKING = ("n", "n_class", "steps", "guidance", "resolution", "seed", "strip_tokens", "class_template", "base",
+           "pipeline", "deltas")
+
+
+def made_by(images: Path) -> dict[str, Any]:
+    """The sampling settings of the eval that wrote `images` (its metrics.json beside them), each None where
+    that file is missing or lacks it."""
+    try:
+        made = json.loads((images.parent / METRICS_FILE).read_text()).get("settings", {})
+    except (OSError, ValueError, AttributeError):
+        made = {}
+    made = made if isinstance(made, dict) else {}
+    return {k: made.get(k) for k in _MAKING}
+
+
 def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Load everything, evaluate, and publish metrics.json, metrics.md and images/ into `cfg.out` atomically."""
     from .base import (
@@ -229,5 +245,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
                           judge=judge)
         result["settings"].update(base=cfg.base, pipeline=None if pipe is None else pipeline_name(pipe),
                                   deltas=list(cfg.deltas), dataset=str(cfg.dataset), device=str(device))
+        if cfg.images is not None:  # how the images were made is the earlier run's to say, not these flags'
+            result["settings"].update(made_by(Path(cfg.images)))
         write_results(result, staging)
     return result
