@@ -83,7 +83,6 @@ def generate(pipe: Any, prompt: str, n: int = 1, seed: int = 0, steps: int = 50,
 
     Latents and decoded pixels are checked for NaN/inf (a NonFiniteError instead of black images); setting
     `cancel` (from another thread) stops it at the next step with SamplingCancelled."""
-    check_timesteps(pipe, steps)
     kw: dict[str, Any] = {}
     if resolution:
         kw.update(height=resolution, width=resolution)

@@ -145,10 +145,6 @@ def _check_config(cfg: TrainConfig, specs: list[ConceptSpec],
         specs, tokens = validate_concepts(specs, cfg.resolution or (facts.native_resolution if facts else 0), cache)
         if cfg.initializer and len(cfg.initializer) != len(tokens):
             raise UserError(f"--initializer gives {len(cfg.initializer)} words for {len(tokens)} tokens {tokens}")
-        if cfg.resume and (ckpt / "latest.safetensors").is_file():
-            saved = read_metadata(ckpt / "latest.safetensors").get("photos")
-            if saved and saved != _photos_digest(specs):
-                warn(f"{ckpt}: the concept photos changed since this checkpoint; the run goes on with the new ones")
     return specs, tokens
 
 
@@ -249,6 +245,11 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     specs, tokens = _check_config(cfg, specs, images)  # resolved copies: the caller's specs stay as given
     out = Path(cfg.out)
     ckpt = checkpoint_dir(out)
+    photos = _photos_digest(specs)  # recorded in checkpoints, so a resume can tell
+    if cfg.resume and (ckpt / "latest.safetensors").is_file():
+        saved = read_metadata(ckpt / "latest.safetensors").get("photos")
+        if saved and saved != photos:
+            warn(f"{ckpt}: the concept photos changed since this checkpoint; the run goes on with the new ones")
     # without a GPU, accelerate only forms a multi-process (gloo) group when told it runs on the CPU
     on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=cfg.mixed_precision,
@@ -360,7 +361,6 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     keys = range(start * ga, cfg.steps * ga)
     batches = prefetch(lambda key: data.batch(cfg.seed, key, rank, cfg.batch_size), keys, cfg.prefetch, pin=cuda)
     losses: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not yet read back
-    photos = _photos_digest(specs)  # recorded in checkpoints
     clock.loop()
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = benchmark or (cuda and cfg.cudnn_benchmark)
