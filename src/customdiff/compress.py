@@ -41,7 +41,7 @@ def compress_delta(delta: Delta, energy: float | None = None, rank: int | None =
         raise UserError(f"--energy {energy}: must be in (0, 1], e.g. 0.6")
     if rank is not None and rank < 1:
         raise UserError(f"--rank {rank}: must be at least 1")
-    if not any(delta.change(n).ndim == 2 for n in delta.param_names()):
+    if not any(delta.is_matrix(n) for n in delta.param_names()):
         raise UserError("the delta holds no weight matrices to compress (token rows only, as `--train tokens` "
                         "makes); use it as it is")
     weights: dict[str, Tensor] = {}

@@ -59,6 +59,10 @@ class Delta:
         names = {k.removesuffix(".up").removesuffix(".down") for k in self.weights}
         return sorted(names)
 
+    def is_matrix(self, name: str) -> bool:
+        """Whether the change of `name` is a 2-D weight matrix (low-rank factors always are), without forming it."""
+        return name + ".up" in self.weights or self.weights[name].ndim == 2
+
     def change(self, name: str) -> torch.Tensor:
         """The full change W_tuned - W_base of one parameter, whatever the storage."""
         if name in self.weights:

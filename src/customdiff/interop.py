@@ -136,7 +136,7 @@ def export_delta(delta: Delta, to: str, out: str | Path, unet_config: Mapping[st
         raise UserError(f"--to {to!r} is unknown; choose one of {', '.join(EXPORT_FORMATS)}")
     if not delta.param_names() and not delta.tokens:
         raise UserError("the delta is empty; nothing to export")
-    beyond = [n for n in delta.param_names() if not n.endswith(".bias") and delta.change(n).ndim != 2]
+    beyond = [n for n in delta.param_names() if not n.endswith(".bias") and not delta.is_matrix(n)]
     if beyond:
         raise UserError(f"the delta changes {len(beyond)} tensors that a LoRA of linear layers cannot hold (e.g. "
                         f"{beyond[0]}: convolutions and norms, as `--train unet` changes); export takes crossattn_kv "
