@@ -227,10 +227,13 @@ def test_eval_library_matches_direct_metrics(tiny_base, tiny_clip, concept_dirs,
     assert r["image_alignment"] == pytest.approx(image_alignment(feats, target), abs=1e-4)
 
 
-def test_eval_bad_input(tiny_base, tiny_clip, concept_dirs, tmp_path, capsys, main):
+def test_eval_bad_input(tiny_base, tiny_clip, concept_dirs, tmp_path, capsys, main, monkeypatch):
+    import customdiff.base
+
     dataset = _dataset(tmp_path / "ds", concept_dirs)
     out = tmp_path / "eval"
-    # no delta defines <new1>: a one-line error, exit code 2, nothing written
+    # no delta defines <new1>: a one-line error, exit code 2, nothing written, refused before the base loads
+    monkeypatch.setattr(customdiff.base, "load_pipeline", lambda *a, **k: pytest.fail("the base was loaded"))
     code = main(["-q", "eval", "--base", tiny_base, "--dataset", str(dataset), "--clip", tiny_clip,
                  "--out", str(out), "--steps", "1", "--device", "cpu"])
     err = capsys.readouterr().err

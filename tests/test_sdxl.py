@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from customdiff.base import base_facts, load_pipeline
+from customdiff.base import base_facts, base_vocabulary, load_pipeline
 from customdiff.cli import main
+from customdiff.conditioning import pipeline_vocabulary
 from customdiff.delta import Delta, apply_deltas, base_fingerprint, load_delta, save_delta
 from customdiff.errors import UserError
 
@@ -75,6 +76,22 @@ def test_sdxl_folder_loads_as_sdxl(tiny_xl_base):
     assert isinstance(pipe, StableDiffusionXLPipeline)
     assert base_facts(tiny_xl_base).pipeline == "StableDiffusionXLPipeline"
     assert pipe.unet.config.addition_embed_type == "text_time"
+    # the door's vocabulary (tokenizers only, no model) is the loaded pipeline's: both of SDXL's tokenizers
+    assert base_vocabulary(tiny_xl_base) == pipeline_vocabulary(pipe)
+    assert base_vocabulary("owner/not-here") is None  # a hub id: checked once its pipeline is loaded
+
+
+def test_a_tokenizer_without_its_files_is_refused_not_read_as_empty(tiny_base, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    for f in (base / "tokenizer").iterdir():
+        if f.name not in ("tokenizer_config.json", "special_tokens_map.json"):
+            f.unlink()
+    for read in (base_vocabulary, load_pipeline):
+        with pytest.raises(UserError, match="tokenizer"):
+            read(str(base))
 
 
 def test_delta_format_sdxl_fields(xl_delta, tiny_xl_base):

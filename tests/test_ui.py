@@ -140,6 +140,10 @@ def test_queue_library_merge_compress_export_sample(server):
     assert [im["file"] for im in shots["images"]] == ["0000.png", "0001.png"] and shots["seed"] == 3
     status, body = server.request("GET", f"/api/samples/{shots['folder']}/images.zip")
     assert status == 200 and len(zipfile.ZipFile(io.BytesIO(body)).namelist()) == 4  # 2 images, grid, prompts.json
+    status, r = server.post_json("/api/sample", {"deltas": [names[0]], "prompts": [f"a <new2> {cls}"], "steps": 2})
+    assert status == 200, r  # <new2> is the merged delta's, not this one's: the tokenizer would split it silently
+    task = server.wait_task(r["task"])
+    assert task["state"] == "failed" and "<new2>, which no ticked delta defines" in task["error"], task
 
     status, _ = server.request("DELETE", "/api/deltas/mine-1.safetensors")
     assert status == 200

@@ -112,18 +112,23 @@ class UIServer:
             time.sleep(0.3)
         raise AssertionError(f"job {job_id} did not reach the state in {timeout} s: {job}")
 
+    def wait_task(self, task_id: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Poll a library task until it is done or failed; its record."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            t = self.get(f"/api/tasks/{task_id}")
+            if t["state"] in ("done", "failed"):
+                return t
+            time.sleep(0.1)
+        raise AssertionError(f"task {task_id} did not finish in {timeout} s")
+
     def run_task(self, path: str, body: dict[str, Any], timeout: float = 120.0) -> Any:
         """POST a library task (merge, compress, export, sample), wait for it to succeed; its result."""
         status, r = self.post_json(path, body)
         assert status == 200, r
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            t = self.get(f"/api/tasks/{r['task']}")
-            if t["state"] in ("done", "failed"):
-                assert t["state"] == "done", t["error"]
-                return t["result"]
-            time.sleep(0.1)
-        raise AssertionError(f"{path} did not finish in {timeout} s")
+        t = self.wait_task(r["task"], timeout)
+        assert t["state"] == "done", t["error"]
+        return t["result"]
 
 
 def toy_concept() -> tuple[Path, str]:

@@ -141,13 +141,40 @@ def load_pipeline(base: str, dtype: torch.dtype = torch.float32, device: str | t
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"--base {base}: cannot load a {name} ({str(e).splitlines()[0]})") from e
     for attr in ("tokenizer", "tokenizer_2"):
-        if getattr(pipe, attr, None) is not None and len(getattr(pipe, attr)) <= 2:
-            # transformers 5 silently builds an empty 2-token tokenizer when its files are missing (measured)
-            raise UserError(f"--base {base}: the {attr} has no vocabulary; the folder lacks tokenizer files")
+        if getattr(pipe, attr, None) is not None:
+            _check_vocabulary(base, attr, getattr(pipe, attr))
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     log.debug("loaded base %s (%s, prediction %s)", base, resolved, pipe.scheduler.config.get("prediction_type"))
     return pipe
+
+
+def base_vocabulary(base: str) -> set[str] | None:
+    """Every token the base's tokenizers know (both of SDXL's), read without loading a model; None for a hub id."""
+    import transformers
+
+    path = Path(resolve_base(base))
+    if not path.exists():
+        return None
+    sides = ("tokenizer", "tokenizer_2") if _check_local_folder(path) == XL_PIPELINE else ("tokenizer",)
+    index = _read_config(path / "model_index.json")
+    vocab: set[str] = set()
+    for side in sides:
+        cls = getattr(transformers, str(index[side][-1]), transformers.AutoTokenizer)
+        try:
+            tok = cls.from_pretrained(str(path / side), local_files_only=True)
+        except (OSError, ValueError, TypeError) as e:
+            raise UserError(f"--base {base}: cannot load its {side} ({str(e).splitlines()[0]})") from e
+        vocab.update(_check_vocabulary(base, side, tok).get_vocab())
+    return vocab
+
+
+def _check_vocabulary(base: str, side: str, tokenizer: Any) -> Any:
+    """The tokenizer, refused when empty: transformers 5 silently builds a 2-token one when its files are missing
+    (measured)."""
+    if len(tokenizer) <= 2:
+        raise UserError(f"--base {base}: the {side} has no vocabulary; the folder lacks tokenizer files")
+    return tokenizer
 
 
 @dataclass

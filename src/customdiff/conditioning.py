@@ -47,6 +47,11 @@ def sides(pipe: Any) -> list[TextSide]:
     return list(SIDES[:2 if is_xl(pipe) else 1])
 
 
+def pipeline_vocabulary(pipe: Any) -> set[str]:
+    """Every token that a pipeline's tokenizers know (both of SDXL's), the deltas applied to it included."""
+    return {w for side in sides(pipe) for w in getattr(pipe, side.tokenizer).get_vocab()}
+
+
 def tokenize(tokenizers: Sequence[Any], prompts: Sequence[str], max_length: int | None = None) -> list[Tensor]:
     """Input ids (B, T) of the prompts for each tokenizer, padded to its max length as the pipelines do."""
     return [tok(list(prompts), padding="max_length", truncation=True,

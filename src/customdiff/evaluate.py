@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .conditioning import pipeline_vocabulary
 from .config import EvalConfig
 from .data import list_images, load_image
 from .dataset import EvalEntry, check_folders, class_images, read_dataset, strip_tokens
@@ -28,7 +29,7 @@ from .features import ClipFeatures, resolve_clip
 from .metrics import image_alignment, kid, text_alignment
 from .outputs import IMAGES_DIR, METRICS_FILE, check_out, read_image_folder, staged, write_image_folder
 from .sample import ChunkedSampler
-from .tokens import find_tokens
+from .tokens import find_tokens, undefined_tokens
 
 log = logging.getLogger(__name__)
 __all__ = ["evaluate", "read_dataset", "run_eval"]
@@ -51,14 +52,13 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def check_tokens(pipe: Any, entries: Sequence[EvalEntry]) -> None:
-    """Fail early when a prompt uses a modifier token that the pipeline's tokenizer does not know."""
-    vocab = pipe.tokenizer.get_vocab()
+def check_tokens(entries: Sequence[EvalEntry], known: Container[str]) -> None:
+    """Fail early when a prompt uses a modifier token that `known` (a vocabulary and the deltas' tokens) lacks."""
     for e in entries:
-        for tok in dict.fromkeys(t for p in e.prompts for t in find_tokens(p)):
-            if tok not in vocab:
-                raise UserError(f"entry {e.name} uses {tok}, which no --delta defines; pass the concept's delta, "
-                                "choose entries with --entries, or use --strip-tokens for a base-model baseline")
+        missing = undefined_tokens(e.prompts, known)
+        if missing:
+            raise UserError(f"entry {e.name} uses {missing[0]}, which no --delta defines; pass the concept's delta, "
+                            "choose entries with --entries, or use --strip-tokens for a base-model baseline")
 
 
 def evaluate(pipe: Any, entries: Sequence[EvalEntry], clip: ClipFeatures, cfg: EvalConfig | None = None, *,
@@ -78,7 +78,7 @@ def evaluate(pipe: Any, entries: Sequence[EvalEntry], clip: ClipFeatures, cfg: E
     if images_in is None and pipe is None:
         raise ValueError("evaluate needs a pipeline unless images_in is given")
     if images_in is None and not cfg.strip_tokens:
-        check_tokens(pipe, entries)
+        check_tokens(entries, pipeline_vocabulary(pipe))
     img_in = Path(images_in) if images_in is not None else None
     img_out = Path(images_out) if images_out is not None else None
     class_prompts = list(dict.fromkeys(cfg.class_template.replace("{}", c.class_prompt)
@@ -207,6 +207,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         SAMPLING_MULTIPLE_WHY,
         STEPS_WHY,
         base_facts,
+        base_vocabulary,
         check_device,
         load_pipeline,
         sampling_multiple,
@@ -227,6 +228,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.images is not None and not Path(cfg.images).is_dir():
         raise UserError(f"--images {cfg.images}: no such folder")
     loaded = [load_delta(p) for p in cfg.deltas]  # validate every file before the slow loads
+    vocab = base_vocabulary(cfg.base) if cfg.images is None and not cfg.strip_tokens else None
+    if vocab is not None:  # a hub id's tokenizer is checked by `evaluate`, once the pipeline is here
+        check_tokens(entries, vocab | {t for d in loaded for t in d.tokens})
     clip = ClipFeatures(resolve_clip(cfg.clip, cfg.base), device=device)
     pipe = None
     if cfg.images is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +21,12 @@ RARE_INITIALIZERS = ("ktn", "pll", "ucd", "sks", "zxq", "vbn")
 def find_tokens(prompt: str) -> list[str]:
     """Modifier tokens such as `<new1>` appearing in a prompt, in order."""
     return TOKEN_RE.findall(prompt)
+
+
+def undefined_tokens(texts: Iterable[str], known: Container[str]) -> list[str]:
+    """Modifier tokens of `texts` that `known` (a vocabulary and the deltas' tokens) lacks, once each, in order:
+    a tokenizer splits such a token into pieces, so the concept it names would be silently left out."""
+    return [t for t in dict.fromkeys(t for x in texts for t in find_tokens(x)) if t not in known]
 
 
 def _single_id(tokenizer, word: str) -> int | None:

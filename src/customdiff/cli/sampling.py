@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
@@ -41,26 +40,20 @@ def _check_door(a: argparse.Namespace, prompts: list[str]) -> None:
     check_out_dir("--out", a.out, need_bytes=2 * per_image * a.n * len(prompts))
 
 
-def _check_prompt_tokens(base: str, texts: list[str], deltas: list[Any]) -> None:
-    """Refuse a modifier token (`<new1>`) that no --delta defines and the base's tokenizer files never mention:
-    the tokenizer would split it into pieces and the sample would silently ignore the concept."""
-    from ..base import resolve_base
-    from ..tokens import find_tokens
+def _check_prompt_tokens(texts: list[str], deltas: list[Any], vocab: set[str]) -> None:
+    """Refuse a modifier token (`<new1>`) that neither a --delta nor the base's vocabulary defines: the tokenizer
+    would split it into pieces and the sample would silently leave the concept out."""
+    from ..tokens import undefined_tokens
 
-    defined = {t for d in deltas for t in d.tokens}
-    missing = [t for t in dict.fromkeys(t for x in texts for t in find_tokens(x)) if t not in defined]
-    folder = Path(resolve_base(base))
-    if not missing or not folder.is_dir():  # a hub id: its tokenizer is not here to read
-        return
-    files = [f for sub in ("tokenizer", "tokenizer_2") for f in sorted((folder / sub).glob("*")) if f.is_file()]
-    known = "".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-    for tok in missing:
-        if tok not in known:
-            raise UserError(f"the prompt uses {tok}, which no --delta defines (the base's tokenizer does not know "
-                            f"it either); pass the delta that teaches {tok} with --delta FILE")
+    missing = undefined_tokens(texts, vocab | {t for d in deltas for t in d.tokens})
+    if missing:
+        raise UserError(f"the prompt uses {missing[0]}, which no --delta defines (the base's tokenizer does not "
+                        f"know it either); pass the delta that teaches {missing[0]} with --delta FILE")
 
 
 def _cmd_sample(a: argparse.Namespace) -> None:
+    from ..base import base_vocabulary
+    from ..conditioning import pipeline_vocabulary
     from ..delta import load_delta
     from ..sample import read_prompts, sample_to_dir, set_scheduler
     from ..validate import deferred_warnings
@@ -70,8 +63,13 @@ def _cmd_sample(a: argparse.Namespace) -> None:
         prompts = a.prompt or read_prompts(a.prompts_file)
         _check_door(a, prompts)
         deltas = [load_delta(p) for p in paths]  # validate every file before the slow base load
-        _check_prompt_tokens(a.base, [*prompts, a.negative_prompt or ""], deltas)
+        texts = [*prompts, a.negative_prompt or ""]
+        vocab = base_vocabulary(a.base)  # None for a hub id: checked once the pipeline is here
+        if vocab is not None:
+            _check_prompt_tokens(texts, deltas, vocab)
     pipe, _ = load_with_deltas(a.base, deltas, paths, device(a.device), a.dtype)
+    if vocab is None:
+        _check_prompt_tokens(texts, deltas, pipeline_vocabulary(pipe))
     set_scheduler(pipe, a.scheduler)
     sample_to_dir(pipe, prompts, a.out, n=a.n, seed=a.seed, steps=a.steps, guidance=a.guidance,
                   resolution=a.resolution, negative_prompt=a.negative_prompt, progress=not a.quiet)

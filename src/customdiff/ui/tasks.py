@@ -27,12 +27,11 @@ class Tasks:
 
     def __init__(self, wd: Workdir, base: str, device: str = "cpu"):
         from ..base import load_pipeline
-        from ..conditioning import sides
+        from ..conditioning import pipeline_vocabulary
 
         self.wd, self.base, self.device = wd, base, device
         self.pipe = load_pipeline(base, device=device)
-        # a new token must be new to every tokenizer (SDXL has two)
-        self.vocab = {w for side in sides(self.pipe) for w in getattr(self.pipe, side.tokenizer).get_vocab()}
+        self.vocab = pipeline_vocabulary(self.pipe)  # a new token must be new to every tokenizer (SDXL has two)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="customdiff-task")
         self.tasks: dict[str, dict[str, Any]] = {}
         self.lock = threading.Lock()
@@ -99,8 +98,13 @@ class Tasks:
         """Images of each prompt with the chosen deltas applied; written to samples/<id>/."""
         from ..delta import apply_deltas
         from ..sample import sample_to_dir
+        from ..tokens import undefined_tokens
 
         deltas = self.load(names)
+        missing = undefined_tokens(prompts, self.vocab | {t for d in deltas for t in d.tokens})
+        if missing:  # the tokenizer would split it into pieces, and the concept would be silently left out
+            raise UserError(f"a prompt uses {missing[0]}, which no ticked delta defines; tick the delta that "
+                            f"teaches {missing[0]}, or leave it out of the prompt")
         folder = self.wd.unique(self.wd.samples, time.strftime("%Y%m%d-%H%M%S"), "")
         with self.pipe_lock:
             applied = apply_deltas(self.pipe, deltas, names)
