@@ -101,6 +101,13 @@ def test_resume_equals_uninterrupted(tiny_base, concept_dirs, tmp_path, monkeypa
         torch.testing.assert_close(a.weights[k], b.weights[k], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(a.tokens["<new1>"], b.tokens["<new1>"], rtol=1e-5, atol=1e-7)
     assert not tr.checkpoint_dir(out).exists()
+    # --resume once the run has finished: nothing to do, the delta stays as it is; other settings train again
+    before = out.read_bytes()
+    monkeypatch.setattr(tr, "load_pipeline", lambda *a, **k: pytest.fail("the finished run was trained again"))
+    assert train(cfg, [_spec(concept_dirs)], progress=False) == out and out.read_bytes() == before
+    cfg.steps = 7
+    with pytest.raises(pytest.fail.Exception, match="trained again"):
+        train(cfg, [_spec(concept_dirs)], progress=False)
 
 
 def test_a_delta_names_no_folder_of_the_machine_that_made_it(trained_delta, tiny_base, concept_dirs):

@@ -10,7 +10,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,25 @@ def _photos_digest(specs: list[ConceptSpec]) -> str:
     return digest.hexdigest()
 
 
+# settings that leave a run's delta as it is: where it goes, and how the run is watched and saved on the way
+_NOT_IN_RESULT = ("out", "resume", "logdir", "checkpoint_every", "log_every", "prefetch")
+
+
+def _run_digest(cfg: TrainConfig, specs: list[ConceptSpec], photos: str) -> str:
+    """SHA-256 of what sets a run's delta: its settings (but _NOT_IN_RESULT), the concepts and the photos."""
+    kept = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in _NOT_IN_RESULT}
+    text = json.dumps([kept, [asdict(s) for s in specs], photos], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _made_by(out: Path, run: str) -> bool:
+    """Whether `out` is a delta that the run with this digest finished."""
+    try:
+        return out.is_file() and read_metadata(out).get("run") == run
+    except UserError:  # not a readable delta: the run writes a new one
+        return False
+
+
 def _save_checkpoint(path: Path, step: int, cfg: TrainConfig, params: dict[str, torch.nn.Parameter],
                      optimizer: torch.optim.Optimizer, photos: str = "") -> None:
     tensors: dict[str, torch.Tensor] = {}
@@ -246,10 +265,15 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     out = Path(cfg.out)
     ckpt = checkpoint_dir(out)
     photos = _photos_digest(specs)  # recorded in checkpoints, so a resume can tell
+    run = _run_digest(cfg, specs, photos)  # recorded in the delta, so a resume of a finished run can tell
     if cfg.resume and (ckpt / "latest.safetensors").is_file():
         saved = read_metadata(ckpt / "latest.safetensors").get("photos")
         if saved and saved != photos:
             warn(f"{ckpt}: the concept photos changed since this checkpoint; the run goes on with the new ones")
+    elif cfg.resume and _made_by(out, run):
+        warn(f"--resume: {out} is already the finished delta of this run (same settings and photos); nothing to "
+             "do. Leave out --resume to train it again")
+        return out
     # without a GPU, accelerate only forms a multi-process (gloo) group when told it runs on the CPU
     on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=cfg.mixed_precision,
@@ -434,7 +458,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
                         for t, w in zip(tokens, inits, strict=True)],
             config={**cfg.to_dict(), "base": public_name(cfg.base), "out": public_name(cfg.out, True),
                     "logdir": public_name(cfg.logdir, True), "concepts": [_public_spec(s) for s in specs],
-                    "resolution": size, "effective_learning_rate": lr, "num_processes": world})
+                    "resolution": size, "effective_learning_rate": lr, "num_processes": world},
+            extra={"run": run})
         if cfg.compress_energy:
             delta = compress_delta(delta, energy=cfg.compress_energy)
         save_delta(delta, out)
