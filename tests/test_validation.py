@@ -309,6 +309,10 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
      "exists and is a file"),
     ("bench-unknown-concept", lambda e: ["bench", "--concepts", "nope", "-o", str(e.tmp / "b")], 2,
      "--concepts nope: not a toy concept"),
+    ("demo-steps-zero", lambda e: ["demo", "--steps", "0", "-o", str(e.tmp / "d")], 2,
+     "--steps 0: must be at least 1"),  # left out, the recipe's; 0 is not a way to say so
+    ("bench-steps-negative", lambda e: ["bench", "--steps", "-1", "-o", str(e.tmp / "b")], 2,
+     "--steps -1: must be at least 1"),
     ("bench-too-many-pairs", lambda e: ["bench", "--pairs", "9", "-o", str(e.tmp / "b")], 2,
      "must be at most 3 (the toy world has 3 concept pairs)"),
     ("concept-folder-missing", lambda e: _train(e, concept=str(e.tmp / "nope")), 2, "no such image folder"),

@@ -60,7 +60,8 @@ class BenchConfig:
             raise UserError(f"--concepts {' '.join(unknown)}: not a toy concept; choose from {', '.join(names)}")
         available = len(read_dataset(root / "dataset_multiconcept.json"))
         check_number("--pairs", self.pairs, 0, available, why=f" (the toy world has {available} concept pairs)")
-        check_number("--steps", self.steps, 0, 100_000)
+        if self.steps:  # 0: each recipe's own
+            check_number("--steps", self.steps, 1, 100_000)
         for seed in self.seeds:
             check_number("--seeds", seed, 0, SEED_MAX)
 

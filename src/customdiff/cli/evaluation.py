@@ -35,11 +35,20 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     print(Path(cfg.out) / "metrics.json")
 
 
+def _check_steps(steps: int | None) -> None:
+    """--steps of demo and bench: left out, each recipe's own; given, at least 1."""
+    from ..validate import check_number
+
+    if steps is not None:
+        check_number("--steps", steps, 1, 100_000)
+
+
 def _cmd_demo(a: argparse.Namespace) -> None:
     from ..demo import run_demo
 
     refuse_base(a)
-    cfg = DemoConfig(out=a.out, concept=a.concept, steps=a.steps, seed=a.seed)
+    _check_steps(a.steps)
+    cfg = DemoConfig(out=a.out, concept=a.concept, steps=a.steps or 0, seed=a.seed)
     if a.quick:
         cfg.steps, cfg.prompts, cfg.n, cfg.sample_steps, cfg.n_class = min(cfg.steps or 30, 30), 2, 2, 10, 8
     print(run_demo(cfg, progress=not a.quiet))
@@ -49,6 +58,7 @@ def _cmd_bench(a: argparse.Namespace) -> None:
     from ..bench import BenchConfig, rescore_bench, run_bench
 
     refuse_base(a)
+    _check_steps(a.steps)
     if a.rescore:
         out = rescore_bench(a.out, progress=not a.quiet)
         print((out / "results.md").read_text())
@@ -95,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_out(d, "output folder (default: out/demo; replaced if present)", required=False, default="out/demo")
     d.add_argument("--concept", default=DemoConfig.concept,
                    help="toy concept (default: %(default)s, the one this base learns best; see `customdiff toy paths`)")
-    d.add_argument("--steps", type=int, default=0, help="training steps (default: the calibrated recipe's, "
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: the calibrated recipe's, "
                    "see customdiff.toy.recipes)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     d.add_argument("--quick", action="store_true", help="a reduced run (30 steps, 2 prompts) for smoke tests")
@@ -116,7 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--concepts", nargs="+", metavar="NAME", help="toy concepts to run (default: all, or one with "
                    "--quick)")
     b.add_argument("--pairs", type=int, default=None, help="number of concept pairs (default: 3, or 1 with --quick)")
-    b.add_argument("--steps", type=int, default=0, help="training steps per single concept (default: each "
+    b.add_argument("--steps", type=int, default=None, help="training steps per single concept (default: each "
                    "recipe's; pairs train twice as long)")
     b.add_argument("--seeds", type=int, nargs="+", metavar="N", help="training/sampling seeds (default: 0 1 2, "
                    "or 0 with --quick)")
