@@ -105,6 +105,9 @@ def test_crossattn_export_with_bias_reproduces_images(tiny_base, concept_dirs, t
 def test_kohya_export_names_and_loads(tiny_base, delta_path, tmp_path):
     delta = load_delta(delta_path)
     out = export_delta(delta, "kohya", tmp_path / "kohya")
+    # ordinary files that another user's A1111 or ComfyUI can read (safetensors alone writes them 0600)
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir() if f.suffix == ".safetensors"} == {
+        f.name: 0o644 for f in out.iterdir() if f.suffix == ".safetensors"}
     state = load_file(str(out / KOHYA_FILE))
     key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     assert {key + s for s in (".lora_down.weight", ".lora_up.weight", ".alpha")} <= set(state)

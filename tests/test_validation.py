@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
+import resource
+import signal
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -449,19 +452,27 @@ def test_free_space_checked_before_work(tiny_base, concept_dirs, tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
-def test_disk_full_while_writing_is_one_line(valid_delta, tmp_path, capsys, monkeypatch):
-    import customdiff.delta as delta_mod
+def _file_size_cap(limit: int) -> Callable[[], None]:
+    """A child's set-up: files it writes may not grow past `limit` bytes (a write past it fails, as on a full disk)."""
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the failed write returns EFBIG instead of killing the child
+    return cap
 
-    def full(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device", filename)
 
-    monkeypatch.setattr(delta_mod, "save_file", full)
-    out = tmp_path / "c.safetensors"
-    assert main(["-q", "compress", str(valid_delta), "--rank", "1", "-o", str(out)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "the disk is full" in err[0] and "Traceback" not in err[0], err
-    assert list(tmp_path.iterdir()) == []  # neither the output nor the temporary file
+@pytest.mark.parametrize("command", ["compress", "export"])
+def test_a_write_that_runs_out_of_space_is_one_line(command, valid_delta, tmp_path):
+    """safetensors reports a failed write as its own error with the OS error in the text; it is the one-line
+    disk-full message, and neither the output nor a temporary file stays."""
+    out = tmp_path / "o"
+    argv = {"compress": ["compress", str(valid_delta), "--rank", "1", "-o", f"{out}.safetensors"],
+            "export": ["export", str(valid_delta), "--to", "diffusers-lora", "-o", str(out)]}[command]
+    r = subprocess.run([sys.executable, "-m", "customdiff", "-q", *argv], capture_output=True, text=True,
+                       timeout=300, preexec_fn=_file_size_cap(2048))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "the disk is full writing" in lines[0] and "File too large" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_error_is_the_last_line_even_without_quiet(tiny_base, concept_dirs, valid_delta, tmp_path, capsys):

@@ -12,6 +12,8 @@ import copy
 import hashlib
 import json
 import logging
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,10 +127,18 @@ def check_base(delta: Delta, unet: torch.nn.Module, source: str) -> None:
     log.info("%s: base matches within tolerance (different precision)", source)
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    """Write a safetensors file under a temporary name and rename it, so no partial file is ever seen."""
+def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | Path) -> None:
+    """Write a safetensors file under a temporary name and rename it, so no partial file is ever seen; a full
+    disk or any other failed write is an OSError naming `path`, as Python's own writes give."""
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # its I/O failures carry the OS error only in the text: "(os error 28)"
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if code is None:
+                raise
+            number = int(code.group(1))
+            raise OSError(number, os.strerror(number), str(path)) from e
 
 
 def public_name(value: str | None, is_path: bool = False) -> str:

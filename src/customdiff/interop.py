@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from .conditioning import SD_PIPELINE, XL_PIPELINE, is_xl, pipeline_name, sides
-from .delta import Delta, base_fingerprint, public_name
+from .delta import Delta, atomic_save, base_fingerprint, public_name
 from .errors import UserError
 from .outputs import staged
 
@@ -109,7 +108,7 @@ def _write_dir(files: Mapping[str, tuple[dict[str, Tensor], dict[str, str]]], ma
         raise UserError(f"-o {out}: exists and is not a folder")
     with staged(out, last=MANIFEST) as tmp:
         for fname, (tensors, meta) in files.items():
-            save_file(tensors, str(tmp / fname), metadata=meta)
+            atomic_save(tensors, meta, tmp / fname)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 

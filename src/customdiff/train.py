@@ -185,8 +185,14 @@ def _save_checkpoint(path: Path, step: int, cfg: TrainConfig, params: dict[str, 
             tensors[f"opt.{name}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
     meta = {"step": str(step), "config": json.dumps(cfg.to_dict()), "photos": photos}
     make_dirs(path.parent)
+    made = not path.is_dir()
     path.mkdir(exist_ok=True)
-    atomic_save(tensors, meta, path / "latest.safetensors")
+    try:
+        atomic_save(tensors, meta, path / "latest.safetensors")
+    except BaseException:
+        if made:  # a first checkpoint that failed (a full disk) leaves no empty folder behind
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     log.info("checkpoint at step %d in %s", step, path)
 
 

@@ -152,8 +152,8 @@ class Builder:
 
     def probe(self) -> None:
         from diffusers import AutoencoderKL
-        from safetensors.torch import save_file
 
+        from ..delta import atomic_save
         from .probe import train_probe
         from .train_base import roundtrip_all
 
@@ -166,7 +166,8 @@ class Builder:
             cache.with_suffix(".tmp.npy").replace(cache)
         probe, losses = train_probe(d["images"], d["targets"], self.work / "probe.pt", self.cfg.probe_steps,
                                     decoded=np.load(cache))
-        save_file({k: v.half().contiguous() for k, v in probe.state_dict().items()}, self.out / "probe.safetensors")
+        atomic_save({k: v.half().contiguous() for k, v in probe.state_dict().items()}, {},
+                    self.out / "probe.safetensors")
         self._note("probe", {"final_loss": float(np.mean(losses[-100:]))})
 
     def concepts(self) -> None:

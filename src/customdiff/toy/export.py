@@ -10,7 +10,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..delta import atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +22,7 @@ def halve_safetensors(folder: str | Path) -> None:
     for f in Path(folder).rglob("*.safetensors"):
         sd = load_file(f)
         sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-        save_file(sd, f, metadata={"format": "pt"})
+        atomic_save(sd, {"format": "pt"}, f)  # an ordinary 0644 file (safetensors alone writes 0600)
 
 
 def save_pipeline(vae, unet, text_encoder, tokenizer, out: str | Path, tokenizer_files: Path) -> Path:
