@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,28 @@ def test_import_example_refusals(tiny_base, tmp_path):
     save_file({"<new1>": torch.zeros(7)}, str(folder / "<new1>.safetensors"))
     assert main(["import", str(folder), "--base", tiny_base, "-o", x]) == 2
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_token_file_this_user_may_not_read_is_refused_not_skipped(tiny_base, tmp_path, monkeypatch, capsys):
+    """Found beside the weights, an unreadable `<new1>` file was skipped as "not a token file", and the delta was
+    written without its token (exit 0). Root reads every file, so the refusal of the OS is simulated."""
+    import builtins
+
+    import customdiff.validate
+
+    state, row = _example_state(tiny_base)
+    folder = _write(tmp_path / "out", state, row, ".safetensors", "safetensors")
+    locked = folder / "<new1>.safetensors"
+
+    def guarded_open(file, *args, **kwargs):
+        if Path(file) == locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(customdiff.validate, "open", guarded_open, raising=False)
+    out = tmp_path / "x.safetensors"
+    capsys.readouterr()
+    assert main(["-q", "import", str(folder), "--base", tiny_base, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{locked}: permission denied: this user may not read it" in err[0], err
+    assert not out.exists()

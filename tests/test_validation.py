@@ -522,3 +522,21 @@ def test_sampling_matches_stock_pipeline(tiny_base):
     stock = pipe("a red cat", num_inference_steps=3, guidance_scale=4.0, num_images_per_prompt=2,
                  generator=torch.Generator("cpu").manual_seed(3)).images
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, stock, strict=True))
+
+
+def test_a_delta_this_user_may_not_read_is_named_as_such(valid_delta, tmp_path, capsys, monkeypatch):
+    """safetensors reports a permission error as a missing file; the message says what is wrong. Root reads
+    every file, so the refusal of the OS is simulated."""
+    import builtins
+
+    import customdiff.validate
+
+    def guarded_open(file, *args, **kwargs):
+        if Path(file) == Path(valid_delta):
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(customdiff.validate, "open", guarded_open, raising=False)
+    assert main(["-q", "compress", str(valid_delta), "--rank", "1", "-o", str(tmp_path / "c.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{valid_delta}: permission denied: this user may not read it" in err[0], err

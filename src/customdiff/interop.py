@@ -25,6 +25,7 @@ from .conditioning import SD_PIPELINE, XL_PIPELINE, is_xl, pipeline_name, sides
 from .delta import Delta, atomic_save, base_fingerprint, public_name
 from .errors import UserError
 from .outputs import staged
+from .validate import check_readable
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,7 @@ def _safe_load(path: Path) -> Any:
     or a torch pickle read with weights_only=True (tensors and plain containers only; nothing in it runs)."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
+    check_readable(path)
     meta = _safetensors_metadata(path)
     if meta is not None:
         if meta.get("format") == "customdiff.delta":
@@ -290,7 +292,8 @@ _TOKEN_FILE_MAX = 64 << 20  # a token file holds one row (KBs); bigger files bes
 
 def _token_file(path: Path, strict: bool) -> tuple[str, Tensor] | None:
     """The (token, row) of a diffusers-example token file `{token: row}`; None (or, if `strict`, an error)
-    for anything else."""
+    for anything else; a file this user may not read is an error either way (it may be the token)."""
+    check_readable(path)
     try:
         if not strict and path.stat().st_size > _TOKEN_FILE_MAX:
             return None

@@ -190,6 +190,18 @@ def check_in_file(flag: str, path: str | Path, what: str = "file") -> Path:
     return p
 
 
+def check_readable(path: str | Path) -> None:
+    """Refuse a file this user may not read, naming it: libraries report that as a missing file, or worse."""
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise UserError(f"{path}: permission denied: this user may not read it; change its permissions (chmod a+r) "
+                        "or run as its owner") from None
+    except OSError:  # missing, a folder, ...: the caller says what it expected
+        pass
+
+
 def human_bytes(n: float) -> str:
     """1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
