@@ -37,6 +37,18 @@ def test_names_never_become_paths(tmp_path):
     assert display_name("C:\\Users\\me\\dog.jpg") == "dog.jpg" and display_name("a/b/\x1bc.png") == "c.png"
 
 
+def test_a_work_folder_whose_subfolder_cannot_be_written_is_refused_at_start(tmp_path, monkeypatch):
+    """Root may write anywhere, so the refusal of the OS is simulated for jobs/ alone."""
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p).name != "jobs" and real(p, mode))
+    with pytest.raises(UserError, match="may not write in its jobs/ folder"):
+        Workdir(tmp_path / "wd")
+    monkeypatch.setattr(os, "access", real)
+    assert Workdir(tmp_path / "wd").jobs.is_dir()
+
+
 def test_train_callback_stops_with_a_checkpoint_and_resume_matches(tiny_base, concept_dirs, tmp_path):
     from customdiff.config import TrainConfig
     from customdiff.data import ConceptSpec

@@ -540,3 +540,19 @@ def test_a_delta_this_user_may_not_read_is_named_as_such(valid_delta, tmp_path, 
     assert main(["-q", "compress", str(valid_delta), "--rank", "1", "-o", str(tmp_path / "c.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{valid_delta}: permission denied: this user may not read it" in err[0], err
+
+
+def test_a_class_image_cache_that_cannot_be_written_is_refused_before_the_base_loads(tiny_base, concept_dirs,
+                                                                                      valid_delta, tmp_path, capsys,
+                                                                                      monkeypatch):
+    import customdiff.train
+
+    env = Env(tiny_base, concept_dirs["a"], concept_dirs["reg"], valid_delta, tmp_path)
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("CUSTOMDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(customdiff.train, "load_pipeline", lambda *a, **k: pytest.fail("the base was loaded"))
+    assert main(["-q", *_train(env, "--num-class-images", "2", reg=None)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("customdiff train: error: class-image cache ")
+    assert "set CUSTOMDIFF_CACHE to a folder you can write" in err[0], err
+    assert not (tmp_path / "d.safetensors").exists()

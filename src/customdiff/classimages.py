@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .errors import UserError
 from .outputs import save_image, write_text
+from .validate import check_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +23,24 @@ def default_cache_dir(base: str, class_prompt: str) -> Path:
     root = Path(os.environ.get("CUSTOMDIFF_CACHE", Path.home() / ".cache" / "customdiff"))
     key = hashlib.sha256(f"{base}\n{class_prompt}".encode()).hexdigest()[:16]
     return root / "class_images" / key
+
+
+def missing_class_images(folder: Path, n: int) -> list[int]:
+    """Indices of the `n` class images that `folder` lacks: a .png beside its .txt caption marks one done."""
+    have = {p.stem for p in folder.glob("*.png") if p.with_suffix(".txt").is_file()} if folder.is_dir() else set()
+    return [i for i in range(n) if f"{i:05d}" not in have]
+
+
+def check_cache(base: str, class_prompt: str, n: int) -> None:
+    """Refuse, before the base loads, a class-image cache this user cannot write when images must be made."""
+    folder = default_cache_dir(base, class_prompt)
+    if not missing_class_images(folder, n):
+        return
+    try:
+        check_out_dir("class-image cache", folder)
+    except UserError as e:
+        raise UserError(f"{e}; set CUSTOMDIFF_CACHE to a folder you can write, or give --reg-dir DIR or "
+                        "--num-class-images 0") from None
 
 
 def ensure_class_images(pipe: Any, class_prompt: str, folder: Path, n: int, seed: int = 0,
@@ -33,8 +53,7 @@ def ensure_class_images(pipe: Any, class_prompt: str, folder: Path, n: int, seed
     from .sample import step_check
 
     folder.mkdir(parents=True, exist_ok=True)
-    have = {p.stem for p in folder.glob("*.png") if p.with_suffix(".txt").is_file()}
-    todo = [i for i in range(n) if f"{i:05d}" not in have]
+    todo = missing_class_images(folder, n)
     if not todo:
         return folder
     log.info("generating %d class images for %r into %s", len(todo), class_prompt, folder)

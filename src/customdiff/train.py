@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .activations import enable_checkpointing, lean_activations, lean_wanted
 from .base import STEPS_WHY, base_facts, load_pipeline, trainable_bytes
-from .classimages import default_cache_dir, ensure_class_images
+from .classimages import check_cache, default_cache_dir, ensure_class_images
 from .compress import compress_delta
 from .conditioning import XL_PIPELINE, is_xl, pipeline_name, sides, tokenize
 from .config import TrainConfig
@@ -143,6 +143,9 @@ def _check_config(cfg: TrainConfig, specs: list[ConceptSpec],
         if cfg.resume and (ckpt / "latest.safetensors").is_file():
             check_checkpoint(ckpt, cfg)
         specs, tokens = validate_concepts(specs, cfg.resolution or (facts.native_resolution if facts else 0), cache)
+        for s in specs:
+            if not s.reg_dir and cfg.num_class_images > 0:
+                check_cache(cfg.base, s.class_prompt, cfg.num_class_images)
         if cfg.initializer and len(cfg.initializer) != len(tokens):
             raise UserError(f"--initializer gives {len(cfg.initializer)} words for {len(tokens)} tokens {tokens}")
     return specs, tokens

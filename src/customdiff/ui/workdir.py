@@ -58,6 +58,9 @@ class Workdir:
                 raise UserError(f"--workdir {self.root}: {d.name} is a file where the app keeps a folder; move it "
                                 "away or choose another --workdir")
             d.mkdir(parents=True, exist_ok=True)
+            if not os.access(d, os.W_OK | os.X_OK):  # else an upload, a job or a sample fails later, mid-way
+                raise UserError(f"--workdir {self.root}: this user may not write in its {d.name}/ folder; change "
+                                "its permissions or choose another --workdir")
 
     @property
     def deltas(self) -> Path:
