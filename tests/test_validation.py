@@ -556,3 +556,25 @@ def test_a_class_image_cache_that_cannot_be_written_is_refused_before_the_base_l
     assert len(err) == 1 and err[0].startswith("customdiff train: error: class-image cache ")
     assert "set CUSTOMDIFF_CACHE to a folder you can write" in err[0], err
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_another_users_output_in_a_sticky_folder_is_refused_before_work(tmp_path, monkeypatch):
+    """In /tmp-like folders only owners may replace their files; the output is replaced by a rename at the end,
+    so this is checked first. Root may replace anything, so another user is simulated."""
+    from customdiff.errors import UserError
+    from customdiff.outputs import check_out
+    from customdiff.validate import check_out_file
+
+    sticky = tmp_path / "shared"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "d.safetensors").write_bytes(b"")
+    (sticky / "report").mkdir()
+    (sticky / "report" / "results.json").write_text("{}")
+    check_out_file("--out", sticky / "d.safetensors", ".safetensors")  # as its owner: fine
+    monkeypatch.setattr(os, "geteuid", lambda: os.getuid() + 4242)
+    with pytest.raises(UserError, match="belongs to another user, in a folder where only owners may replace"):
+        check_out_file("--out", sticky / "d.safetensors", ".safetensors")
+    with pytest.raises(UserError, match="belongs to another user"):
+        check_out(sticky / "report", "bench", "results.json")
+    check_out_file("--out", sticky / "new.safetensors", ".safetensors")  # a new name is this user's to make

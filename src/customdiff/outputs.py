@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .validate import warn
+from .validate import check_replaceable, warn
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -78,6 +78,7 @@ def check_out(out: str | Path, command: str, markers: str | Sequence[str], repla
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out}: exists and is not a folder")
+    check_replaceable(flag, out)  # it is built beside itself, then moved in
     if not out.is_dir():
         return out
     if any((out / m).exists() for m in ([markers] if isinstance(markers, str) else markers)):

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -128,6 +129,7 @@ def _check_config(cfg: TrainConfig, specs: list[ConceptSpec],
                             "on a CPU) or bf16")
         if cfg.logdir:
             check_out_dir("--logdir", cfg.logdir)
+            check_out_dir("--logdir", Path(cfg.logdir) / "customdiff")  # where TensorBoard's files go
         facts = base_facts(cfg.base)
         if facts is not None:
             check_multiple("--resolution", cfg.resolution, facts.factor, " (the VAE's factor)")
@@ -136,6 +138,9 @@ def _check_config(cfg: TrainConfig, specs: list[ConceptSpec],
         ckpt = checkpoint_dir(out)
         if ckpt.exists() and not ckpt.is_dir():
             raise UserError(f"--out {cfg.out}: {ckpt} (its checkpoint folder) is a file; remove or rename it")
+        if cfg.checkpoint_every and ckpt.is_dir() and not os.access(ckpt, os.W_OK | os.X_OK):
+            raise UserError(f"--out {cfg.out}: this user may not write in {ckpt} (its checkpoint folder); change "
+                            "its permissions, or remove it")
         if facts is not None:
             size = trainable_bytes(facts, cfg.train)
             # the delta, plus params and two AdamW moments in a checkpoint when checkpointing

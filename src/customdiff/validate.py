@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -116,6 +117,27 @@ def _check_parent_chain(flag: str, path: Path) -> bool:
     return anc != path.parent.absolute()
 
 
+def _sticky_blocked(p: Path) -> bool:
+    """Whether a sticky parent folder (such as /tmp) keeps this user from replacing `p`, another user's."""
+    try:
+        parent, own = p.absolute().parent.stat(), p.stat()
+    except OSError:
+        return False
+    uid = os.geteuid()
+    return bool(parent.st_mode & stat.S_ISVTX) and uid not in (0, own.st_uid, parent.st_uid)
+
+
+def check_replaceable(flag: str, path: str | Path) -> Path:
+    """An output made beside itself and renamed into place (every file, and folders written whole): the folder
+    it goes in must be writable (or creatable), and no sticky folder may keep it as another user's."""
+    p = Path(path)
+    _check_parent_chain(flag, p)
+    if p.exists() and _sticky_blocked(p):
+        raise UserError(f"{flag} {path}: belongs to another user, in a folder where only owners may replace their "
+                        "files (sticky, as /tmp); choose another output path")
+    return p
+
+
 def check_free_space(flag: str, path: Path, need_bytes: int) -> None:
     """Refuse when the disk holding `path` has less than `need_bytes` free (with 10% headroom)."""
     if need_bytes <= 0:
@@ -155,7 +177,7 @@ def check_out_file(flag: str, path: str | Path, suffix: str | None = None, need_
         raise UserError(f"{flag} {path}: is a folder; give a file name such as {p / ('out' + (suffix or ''))}")
     if p.exists() and not os.access(p, os.W_OK):
         raise UserError(f"{flag} {path}: exists and is read-only; choose another output path")
-    _check_parent_chain(flag, p)  # a missing folder is created (with a warning) when the file is written
+    check_replaceable(flag, p)  # a missing folder is created (with a warning) when the file is written
     check_free_space(flag, p, need_bytes)
     return p
 
