@@ -101,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train one personal concept of the embedded toy world with Custom Diffusion, "
                        "sample held-out prompts before and after, and write an HTML report: every image judged "
                        "by the toy world's probe (concept fidelity, context fidelity, class leakage) beside CLIP "
-                       "text/image alignment and KID. A few minutes on a laptop CPU.")
+                       "text/image alignment and KID. About a minute on 2 idle CPU cores.")
     add_out(d, "output folder (default: out/demo; replaced if present)", required=False, default="out/demo")
     d.add_argument("--concept", default=DemoConfig.concept,
                    help="toy concept (default: %(default)s, the one this base learns best; see `customdiff toy paths`)")
