@@ -121,3 +121,19 @@ def test_a_concepts_path_that_names_two_folders_is_refused(tmp_path, monkeypatch
         read_concepts_file(listing)
     (tmp_path / "cwd" / "photos").rmdir()  # only beside the file: that one
     assert read_concepts_file(listing)[0].instance_dir == str(tmp_path / "lists" / "photos")
+
+
+def test_a_photo_this_user_may_not_read_says_so(tmp_path, monkeypatch):
+    """Not "not a readable image; remove or replace the file": the file is fine, its permissions are not. Root
+    reads every file, so the refusal of the OS is simulated."""
+    import customdiff.images
+
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (8, 8)).save(photo)
+
+    def refused(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(customdiff.images.Image, "open", refused)
+    with pytest.raises(UserError, match=r"p\.png: permission denied: this user may not read it"):
+        load_image(photo)

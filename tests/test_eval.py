@@ -277,3 +277,17 @@ def test_eval_refuses_foreign_out(tiny_base, tiny_clip, concept_dirs, tmp_path, 
     assert main(["-q", "eval", "--base", tiny_base, "--dataset", str(dataset), "--clip", tiny_clip,
                  "--out", str(tmp_path / "o"), "--strip-tokens", "--device", "cpu"]) == 2
     assert "class_data_dir" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_an_unreadable_class_folder_is_refused_before_sampling(concept_dirs, tmp_path, monkeypatch):
+    """Before, every prompt was sampled first, and the message then named a path that does not exist."""
+    import os
+
+    from customdiff.dataset import check_folders, read_dataset
+
+    entries = read_dataset(_dataset(tmp_path / "ds", concept_dirs))
+    real = os.access
+    locked = entries[0].concepts[0].class_dir
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
+    with pytest.raises(UserError, match="class_data_dir .*: permission denied: this user may not read it"):
+        check_folders(entries)

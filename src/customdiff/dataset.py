@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -126,12 +127,16 @@ def class_images(folder: Path, limit: int) -> list[Path]:
 
 
 def check_folders(entries: Sequence[EvalEntry]) -> None:
-    """Fail before any sampling when a concept's photo folder or class image folder is missing."""
+    """Fail before any sampling when a concept's photo folder or class image folder is missing or unreadable."""
     for e in entries:
         for c in e.concepts:
-            if not c.instance_dir.is_dir():
-                raise UserError(f"entry {e.name}: instance_data_dir {c.instance_dir} is not a folder")
-            if c.class_dir is not None and not c.class_dir.is_dir():
-                raise UserError(f"entry {e.name}: class_data_dir {c.class_dir} is not a folder")
+            for key, folder in (("instance_data_dir", c.instance_dir), ("class_data_dir", c.class_dir)):
+                if folder is None:
+                    continue
+                if not folder.is_dir():
+                    raise UserError(f"entry {e.name}: {key} {folder} is not a folder")
+                if not os.access(folder, os.R_OK | os.X_OK):
+                    raise UserError(f"entry {e.name}: {key} {folder}: permission denied: this user may not read it; "
+                                    "change its permissions")
 
 

@@ -88,6 +88,9 @@ def open_image(path: str | Path, min_side: int = 0) -> Image.Image:
                         "guard); resize it below about 9000 x 9000") from e
     except UserError:
         raise
+    except PermissionError:
+        raise UserError(f"{path}: permission denied: this user may not read it; change its permissions "
+                        "(chmod a+r)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         reason = str(e).splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a readable image ({reason}); remove or replace the file") from e

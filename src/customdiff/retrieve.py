@@ -26,7 +26,7 @@ from .delta import atomic_save
 from .errors import UserError
 from .features import ClipFeatures
 from .outputs import check_out, staged
-from .validate import read_text, warn
+from .validate import check_readable, read_text, warn
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,10 @@ def scan_corpus(corpus: Path) -> list[tuple[str, int, int]]:
     if not corpus.is_dir():
         raise UserError(f"--corpus {corpus}: no such folder")
     found, uncaptioned = [], 0
-    for root, dirs, files in os.walk(corpus):
+    def unreadable(e: OSError) -> None:
+        warn(f"--corpus: {e.filename}: {e.strerror}; its images are left out")
+
+    for root, dirs, files in os.walk(corpus, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         names = set(files)
         for f in sorted(files):
@@ -164,6 +167,7 @@ def _check_out(out: Path, corpus: Path, index: Path | None) -> None:
     if index.is_dir():
         raise UserError(f"--index {index}: is a folder; give a file name such as {index / INDEX_FILE.lstrip('.')}")
     if index.exists():
+        check_readable(index)
         try:
             with safe_open(str(index), framework="pt") as f:
                 kind = (f.metadata() or {}).get("format")

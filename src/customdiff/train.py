@@ -479,7 +479,12 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
         save_delta(delta, out)
         log.info("delta: %s of %s weight changes, %s", delta.storage, str(store).removeprefix("torch."),
                  human_bytes(out.stat().st_size))
-        shutil.rmtree(ckpt, ignore_errors=True)
+        try:
+            shutil.rmtree(ckpt)
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # a later --resume would start from it
+            warn(f"{ckpt}: the finished run's checkpoint could not be removed ({e.strerror}); delete it")
         log.info("wrote %s", out)
     accelerator.wait_for_everyone()
     return out
