@@ -189,3 +189,26 @@ def test_delta_metadata_is_self_describing(trained_delta):
     assert tokens == [{"token": "<new1>", "initializer": "ktn", "class": "cat"}]
     assert json.loads(meta["config"])["train"] == "crossattn_kv"
     assert "sha256" in json.loads(meta["base"])["fingerprint"]
+
+
+def test_a_finished_run_is_recognised_by_what_sets_its_result(tiny_base, concept_dirs, tmp_path):
+    """The digest a delta records for `--resume`: the settings that change the result, the regularization images
+    and the base count; where the delta goes and how fast it is made do not."""
+    import os
+    import shutil
+    from dataclasses import replace
+
+    from customdiff.train import _run_digest
+
+    reg = tmp_path / "reg"
+    shutil.copytree(concept_dirs["reg"], reg)
+    spec = ConceptSpec(concept_dirs["a"], "photo of a <new1> cat", "photo of a cat", reg_dir=str(reg))
+    cfg = _cfg(tiny_base, tmp_path / "a.safetensors")
+    first = _run_digest(cfg, [spec], "photos")
+    assert _run_digest(replace(cfg, out=str(tmp_path / "b.safetensors"), cuda_graphs="off", prefetch=0,
+                               checkpoint_every=5, log_every=1), [spec], "photos") == first
+    assert _run_digest(replace(cfg, steps=5), [spec], "photos") != first
+    assert _run_digest(cfg, [spec], "other photos") != first
+    image = next(p for p in sorted(reg.iterdir()) if p.suffix == ".png")
+    os.utime(image, ns=(0, 0))  # a regularization image replaced
+    assert _run_digest(cfg, [spec], "photos") != first

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import struct
 import subprocess
@@ -454,6 +453,8 @@ def test_free_space_checked_before_work(tiny_base, concept_dirs, tmp_path, capsy
 
 def _file_size_cap(limit: int) -> Callable[[], None]:
     """A child's set-up: files it writes may not grow past `limit` bytes (a write past it fails, as on a full disk)."""
+    import resource  # POSIX only: this module stays importable elsewhere
+
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the failed write returns EFBIG instead of killing the child

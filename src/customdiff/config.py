@@ -14,13 +14,15 @@ BASE_HELP = "base pipeline: a local diffusers folder, a hub id, or 'toy'"
 
 
 def opt(default: Any, help: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-        why: str = "", choices: list[str] | None = None, resume: bool = True, cli: bool = True, **kw: Any) -> Any:
+        why: str = "", choices: list[str] | None = None, resume: bool = True, result: bool = True, cli: bool = True,
+        **kw: Any) -> Any:
     """A dataclass field carrying its command-line help and its checks.
 
     `lo`/`hi` (with `lo_open`, `why`): the allowed range; `choices`: the allowed values; `resume=False`: a
-    resumed training run may change it; `cli=False`: no flag; more keys (`metavar`, `required`) go to argparse.
+    resumed training run may change it; `result=False`: it leaves a run's delta as it is (where it goes, how the
+    run is watched, saved or sped up); `cli=False`: no flag; more keys (`metavar`, `required`) go to argparse.
     """
-    meta = {"help": help, "cli": cli, "resume": resume, **kw}
+    meta = {"help": help, "cli": cli, "resume": resume, "result": result, **kw}
     if choices is not None:
         meta["choices"] = choices
     if lo is not None or hi is not None:
@@ -62,7 +64,7 @@ class TrainConfig:
 
     base: str = opt("toy", BASE_HELP)
     # the checkpoint is found beside --out, so how its path is spelled (or whether the folder moved) is no change
-    out: str = opt("", "output delta file (.safetensors)", resume=False)
+    out: str = opt("", "output delta file (.safetensors)", resume=False, result=False)
     train: str = opt("crossattn_kv", "what to fine-tune besides the new tokens: crossattn_kv (attn2 to_k/to_v, "
                      "Custom Diffusion), crossattn (all of attn2); baselines: unet (DreamBooth-style, whole UNet), "
                      "tokens (Textual Inversion, token embeddings only)",
@@ -90,27 +92,28 @@ class TrainConfig:
                               "fp16/bf16: auto (that dtype; trained tensors stay float32) or float32",
                               choices=["auto", "float32"], resume=False)
     prefetch: int = opt(2, "batches prepared ahead in a background thread (0 = on the training thread)",
-                        lo=0, hi=64, resume=False)
+                        lo=0, hi=64, resume=False, result=False)
     cache: bool = opt(True, "reuse what never changes: text features of prompts without a new token, VAE "
                       "encodings of the (never augmented) regularization images and, under --no-augment, of the "
-                      "target photos", resume=False)
+                      "target photos", resume=False, result=False)
     log_every: int = opt(10, "read the loss back (progress bar, divergence check, TensorBoard) every N steps; "
-                         "each read waits for the GPU", lo=1, resume=False)
+                         "each read waits for the GPU", lo=1, resume=False, result=False)
     lean_activations: str = opt("auto", "save less for the backward pass: frozen convolutions keep their weight, "
                                 "not their input, and GEGLU recomputes gelu (same values, less memory, about a "
                                 "tenth slower on an H100): auto (on a GPU without --gradient-checkpointing), on or off",
-                                choices=["auto", "on", "off"], resume=False)
-    channels_last: bool = opt(False, "channels-last memory format for the UNet and VAE (CUDA only)", resume=False)
+                                choices=["auto", "on", "off"], resume=False, result=False)
+    channels_last: bool = opt(False, "channels-last memory format for the UNet and VAE (CUDA only)", resume=False,
+                              result=False)
     cudnn_benchmark: bool = opt(False, "let cuDNN time its kernels for each new shape (CUDA only): slower first step, "
-                                "and its trial workspaces count in the peak memory", resume=False)
+                                "and its trial workspaces count in the peak memory", resume=False, result=False)
     compile: bool = opt(False, "torch.compile the UNet (minutes of compilation before the first step)",
-                        resume=False)
+                        resume=False, result=False)
     cuda_graphs: str = opt("auto", "replay the UNet's forward and backward pass as CUDA graphs instead of thousands "
                            "of separate kernel launches (captured on the first step; same values): auto (on a CUDA "
                            "GPU with one process, without --gradient-checkpointing, --compile or "
                            "--gradient-accumulation), on (also under --gradient-checkpointing, not yet measured "
                            "on a GPU; warns where it cannot apply) or off",
-                           choices=["auto", "on", "off"], resume=False)
+                           choices=["auto", "on", "off"], resume=False, result=False)
     num_class_images: int = opt(200, "regularization images to generate per concept when it has no --reg-dir "
                                       "(0 = train without regularization)", lo=0, hi=100_000)
     reg_prompt: str = opt("captions", "what regularization images are trained with: captions (each image's .txt "
@@ -119,9 +122,11 @@ class TrainConfig:
     augment: bool = opt(True, "rescale/paste/crop augmentation with prompt prefixes and loss mask")
     flip: bool = opt(True, "random horizontal flips of target images")
     initializer: list[str] = opt(None, "initializer word for each new token, in order (default: rare words)")
-    checkpoint_every: int = opt(0, "save a resumable checkpoint every N steps (0 = never)", lo=0, resume=False)
-    resume: bool = opt(False, "continue the run writing the same --out from its latest checkpoint", resume=False)
-    logdir: str = opt("", "write TensorBoard logs to this folder", resume=False)
+    checkpoint_every: int = opt(0, "save a resumable checkpoint every N steps (0 = never)", lo=0, resume=False,
+                                result=False)
+    resume: bool = opt(False, "continue the run writing the same --out from its latest checkpoint", resume=False,
+                       result=False)
+    logdir: str = opt("", "write TensorBoard logs to this folder", resume=False, result=False)
     class_image_steps: int = opt(50, "sampling steps for generated regularization images", lo=1, hi=1000)
     delta_dtype: str = opt("auto", "precision of the stored weight changes: auto (float16 on SDXL, whose full "
                            "K/V delta is 1.36 GB in float32; float32 otherwise), float32 or float16",

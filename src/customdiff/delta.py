@@ -134,11 +134,11 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path
     with atomic_path(path) as tmp:
         try:
             save_file(tensors, str(tmp), metadata=metadata)
-        except SafetensorError as e:  # its I/O failures carry the OS error only in the text: "(os error 28)"
-            code = re.search(r"\(os error (\d+)\)", str(e))
+        except SafetensorError as e:  # its I/O failures carry the OS error only in the text: "(os error 28)", or
+            code = re.search(r"\(os error (\d+)\)|\bcode: (\d+)", str(e))  # "Os { code: 28, ..." before 0.6
             if code is None:
                 raise
-            number = int(code.group(1))
+            number = int(code.group(1) or code.group(2))
             raise OSError(number, os.strerror(number), str(path)) from e
 
 

@@ -78,7 +78,7 @@ def check_out(out: str | Path, command: str, markers: str | Sequence[str], repla
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out}: exists and is not a folder")
-    check_replaceable(flag, out)  # it is built beside itself, then moved in
+    check_replaceable(flag, out, whole=replaces is None)  # it is built beside itself, then moved in
     if not out.is_dir():
         return out
     if any((out / m).exists() for m in ([markers] if isinstance(markers, str) else markers)):

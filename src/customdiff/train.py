@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import enable_checkpointing, lean_activations, lean_wanted
-from .base import STEPS_WHY, base_facts, load_pipeline, trainable_bytes
+from .base import STEPS_WHY, base_facts, load_pipeline, resolve_base, trainable_bytes
 from .classimages import check_cache, default_cache_dir, ensure_class_images
 from .compress import compress_delta
 from .conditioning import XL_PIPELINE, is_xl, pipeline_name, sides, tokenize
@@ -165,14 +165,19 @@ def _photos_digest(specs: list[ConceptSpec]) -> str:
     return digest.hexdigest()
 
 
-# settings that leave a run's delta as it is: where it goes, and how the run is watched and saved on the way
-_NOT_IN_RESULT = ("out", "resume", "logdir", "checkpoint_every", "log_every", "prefetch")
-
-
 def _run_digest(cfg: TrainConfig, specs: list[ConceptSpec], photos: str) -> str:
-    """SHA-256 of what sets a run's delta: its settings (but _NOT_IN_RESULT), the concepts and the photos."""
-    kept = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in _NOT_IN_RESULT}
-    text = json.dumps([kept, [asdict(s) for s in specs], photos], sort_keys=True, default=str)
+    """SHA-256 of what sets a run's delta: its settings (but those marked result=False), the concepts, the photos'
+    digest, the regularization images and captions (names, sizes, times) and the base (its files, the same way)."""
+    kept = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("result", True)}
+    files = []
+    base = Path(resolve_base(cfg.base))
+    for root in [base if base.is_dir() else None, *(s.reg_dir for s in specs),
+                 *(s.reg_captions for s in specs)]:
+        if root is not None:
+            p = Path(root)
+            files += [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
+                      for f in sorted([p] if p.is_file() else p.rglob("*")) if f.is_file()]
+    text = json.dumps([kept, [asdict(s) for s in specs], photos, files], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

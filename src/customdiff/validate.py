@@ -120,19 +120,21 @@ def _check_parent_chain(flag: str, path: Path) -> bool:
 def _sticky_blocked(p: Path) -> bool:
     """Whether a sticky parent folder (such as /tmp) keeps this user from replacing `p`, another user's."""
     try:
-        parent, own = p.absolute().parent.stat(), p.stat()
+        parent, own = p.absolute().parent.stat(), p.lstat()  # a link is replaced itself, not what it points to
     except OSError:
         return False
-    uid = os.geteuid()
-    return bool(parent.st_mode & stat.S_ISVTX) and uid not in (0, own.st_uid, parent.st_uid)
+    if not parent.st_mode & stat.S_ISVTX or not hasattr(os, "geteuid"):  # no sticky folders on Windows
+        return False
+    return os.geteuid() not in (0, own.st_uid, parent.st_uid)
 
 
-def check_replaceable(flag: str, path: str | Path) -> Path:
+def check_replaceable(flag: str, path: str | Path, whole: bool = True) -> Path:
     """An output made beside itself and renamed into place (every file, and folders written whole): the folder
-    it goes in must be writable (or creatable), and no sticky folder may keep it as another user's."""
+    it goes in must be writable (or creatable), and, when it is replaced `whole`, no sticky folder may keep it as
+    another user's."""
     p = Path(path)
     _check_parent_chain(flag, p)
-    if p.exists() and _sticky_blocked(p):
+    if whole and p.exists() and _sticky_blocked(p):
         raise UserError(f"{flag} {path}: belongs to another user, in a folder where only owners may replace their "
                         "files (sticky, as /tmp); choose another output path")
     return p

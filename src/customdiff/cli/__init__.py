@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno == errno.ENAMETOOLONG:
             return _fail(args.command, f"{e.filename or 'a path'}: file name too long; choose a shorter name", 2)
         if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            return _fail(args.command, f"{e.filename or 'a file'}: {e.strerror}: this user may not read or write "
-                         "it; change its permissions or choose another path", 2)
+            why = "its file system is read-only" if e.errno == errno.EROFS else "this user may not read or write it"
+            return _fail(args.command, f"{e.filename or 'a file'}: {e.strerror}: {why}; change its permissions or "
+                         "choose another path", 2)
         raise
     except Interrupted as e:
         return _fail(None, f"interrupted: {e}", 130)
