@@ -228,9 +228,11 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.images is not None and not Path(cfg.images).is_dir():
         raise UserError(f"--images {cfg.images}: no such folder")
     loaded = [load_delta(p) for p in cfg.deltas]  # validate every file before the slow loads
-    vocab = base_vocabulary(cfg.base) if cfg.images is None and not cfg.strip_tokens else None
-    if vocab is not None:  # a hub id's tokenizer is checked by `evaluate`, once the pipeline is here
-        check_tokens(entries, vocab | {t for d in loaded for t in d.tokens})
+    defined = {t for d in loaded for t in d.tokens}
+    if cfg.images is None and not cfg.strip_tokens and any(undefined_tokens(e.prompts, defined) for e in entries):
+        vocab = base_vocabulary(cfg.base)  # the tokenizers alone; a hub id's are checked by `evaluate`, loaded
+        if vocab is not None:
+            check_tokens(entries, vocab | defined)
     clip = ClipFeatures(resolve_clip(cfg.clip, cfg.base), device=device)
     pipe = None
     if cfg.images is None:

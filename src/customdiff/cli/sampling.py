@@ -56,6 +56,7 @@ def _cmd_sample(a: argparse.Namespace) -> None:
     from ..conditioning import pipeline_vocabulary
     from ..delta import load_delta
     from ..sample import read_prompts, sample_to_dir, set_scheduler
+    from ..tokens import undefined_tokens
     from ..validate import deferred_warnings
 
     paths = a.deltas or []
@@ -64,7 +65,9 @@ def _cmd_sample(a: argparse.Namespace) -> None:
         _check_door(a, prompts)
         deltas = [load_delta(p) for p in paths]  # validate every file before the slow base load
         texts = [*prompts, a.negative_prompt or ""]
-        vocab = base_vocabulary(a.base)  # None for a hub id: checked once the pipeline is here
+        # the base's vocabulary (its tokenizers, loaded alone) only for tokens no delta defines; a hub id's: None,
+        # checked once the pipeline is here
+        vocab = base_vocabulary(a.base) if undefined_tokens(texts, {t for d in deltas for t in d.tokens}) else set()
         if vocab is not None:
             _check_prompt_tokens(texts, deltas, vocab)
     pipe, _ = load_with_deltas(a.base, deltas, paths, device(a.device), a.dtype)
