@@ -158,3 +158,19 @@ def test_cli(tmp_path, tiny_clip, main, capsys):
                  "--out", str(tmp_path / "x"), "--clip", tiny_clip]) == 2
     err = capsys.readouterr().err
     assert "no such folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_read_only_index_is_left_as_it_is(tmp_path, tiny_clip, monkeypatch, caplog):
+    """A rename would replace a read-only index all the same; it is a cache, so the run goes on without
+    updating it. Root may write anything, so the refusal is simulated."""
+    corpus = _corpus(tmp_path / "corpus", 6)
+    build_index(corpus, ClipFeatures(tiny_clip))
+    index = corpus / INDEX_FILE
+    before = index.read_bytes()
+    Image.new("RGB", (32, 32), "green").save(corpus / "extra.png")
+    (corpus / "extra.txt").write_text("a green square\n")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: not (Path(p) == index and mode & os.W_OK) and real(p, mode))
+    names, _ = build_index(corpus, ClipFeatures(tiny_clip))
+    assert "extra.png" in names and index.read_bytes() == before
+    assert "(the file is read-only); embeddings will be recomputed next time" in caplog.text
