@@ -579,3 +579,19 @@ def test_another_users_output_in_a_sticky_folder_is_refused_before_work(tmp_path
     with pytest.raises(UserError, match="belongs to another user"):
         check_out(sticky / "report", "bench", "results.json")
     check_out_file("--out", sticky / "new.safetensors", ".safetensors")  # a new name is this user's to make
+
+
+@pytest.mark.parametrize("prompt", ["a <new1> square", "a square"])  # read at the door, and by the pipeline
+def test_a_damaged_tokenizer_json_is_one_line(prompt, tmp_path, capsys):
+    import shutil
+
+    from customdiff.toy import paths
+
+    base = tmp_path / "base"
+    shutil.copytree(paths()["base"], base)
+    (base / "tokenizer" / "tokenizer.json").write_text('{"version": "1.0", "model": {}}')
+    assert main(["-q", "sample", "--base", str(base), "--prompt", prompt, "--n", "1", "--steps", "1",
+                 "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(KeyError: 'added_tokens'); re-save the pipeline" in err[0], err
+    assert not (tmp_path / "s").exists()

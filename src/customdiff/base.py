@@ -138,8 +138,8 @@ def load_pipeline(base: str, dtype: torch.dtype = torch.float32, device: str | t
         with warnings.catch_warnings():  # diffusers 0.42 renames torch_dtype; older releases only know it
             warnings.simplefilter("ignore", FutureWarning)
             pipe = getattr(diffusers, name).from_pretrained(resolved, **kwargs)
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"--base {base}: cannot load a {name} ({str(e).splitlines()[0]})") from e
+    except (OSError, ValueError, TypeError, KeyError) as e:  # KeyError: a damaged tokenizer.json (measured)
+        raise UserError(f"--base {base}: cannot load a {name} ({_first_line(e)}); re-save the pipeline") from e
     for attr in ("tokenizer", "tokenizer_2"):
         if getattr(pipe, attr, None) is not None:
             _check_vocabulary(base, attr, getattr(pipe, attr))
@@ -163,10 +163,18 @@ def base_vocabulary(base: str) -> set[str] | None:
         cls = getattr(transformers, str(index[side][-1]), transformers.AutoTokenizer)
         try:
             tok = cls.from_pretrained(str(path / side), local_files_only=True)
-        except (OSError, ValueError, TypeError) as e:
-            raise UserError(f"--base {base}: cannot load its {side} ({str(e).splitlines()[0]})") from e
+        except (OSError, ValueError, TypeError, KeyError) as e:  # KeyError: a damaged tokenizer.json (measured)
+            raise UserError(f"--base {base}: cannot load its {side} ({_first_line(e)}); re-save the pipeline") from e
         vocab.update(_check_vocabulary(base, side, tok).get_vocab())
     return vocab
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception in a few words: its message's first line, or its type and message (a KeyError's is a key)."""
+    text = str(e).strip()
+    if isinstance(e, KeyError) or not text:
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text.splitlines()[0]
 
 
 def _check_vocabulary(base: str, side: str, tokenizer: Any) -> Any:

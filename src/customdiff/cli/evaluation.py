@@ -58,12 +58,12 @@ def _cmd_bench(a: argparse.Namespace) -> None:
     from ..bench import BenchConfig, rescore_bench, run_bench
 
     refuse_base(a)
-    _check_steps(a.steps)
-    if a.rescore:
+    if a.rescore:  # trains nothing: --steps plays no part
         out = rescore_bench(a.out, progress=not a.quiet)
         print((out / "results.md").read_text())
         print(f"report: {out / 'report.html'}")
         return
+    _check_steps(a.steps)
     cfg = BenchConfig.quick() if a.quick else BenchConfig()
     if a.concepts:
         cfg.concepts = a.concepts
