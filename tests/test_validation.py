@@ -9,6 +9,7 @@ import signal
 import struct
 import subprocess
 import sys
+import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -217,6 +218,19 @@ def _import_code(env: Env) -> list[str]:
     return ["import", str(f), "--base", env.base, "-o", str(env.tmp / "out" / "i.safetensors")]
 
 
+def _import_legacy_code(env: Env) -> list[str]:
+    f = env.tmp / "delta.ckpt"  # torch's pre-1.6 format, not a zip: only the loader's message names the code
+    torch.save({"state_dict": _RunsCode(env.tmp / "PWNED")}, f, _use_new_zipfile_serialization=False)
+    return ["import", str(f), "--base", env.base, "-o", str(env.tmp / "out" / "i.safetensors")]
+
+
+def _import_foreign_zip(env: Env) -> list[str]:
+    f = env.tmp / "delta.ckpt"
+    with zipfile.ZipFile(f, "w") as z:
+        z.writestr("notes.txt", "not a checkpoint")
+    return ["import", str(f), "--base", env.base, "-o", str(env.tmp / "out" / "i.safetensors")]
+
+
 def _merge_onto_input(env: Env) -> list[str]:
     other = env.tmp / "other.safetensors"
     other.write_bytes(env.delta.read_bytes())
@@ -305,6 +319,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
     ("export-a-convolution", lambda e: ["export", str(_delta_variant(e, _conv_change)), "--to", "kohya", "-o",
                                         str(e.tmp / "ex")], 2, "a LoRA of linear layers cannot hold"),
     ("import-pickled-code", _import_code, 2, "which is code, not a tensor"),
+    ("import-legacy-pickled-code", _import_legacy_code, 2, "which is code, not a tensor"),
+    ("import-foreign-zip", _import_foreign_zip, 2, "a damaged or foreign zip archive, not a PyTorch checkpoint"),
     ("base-neither-folder-nor-hub-id", lambda e: _sample(e, "--base", "nowhere"), 2,
      "--base nowhere: no such folder; give a pipeline folder, a hub id (owner/name) or 'toy'"),
     ("ui-workdir-a-file", lambda e: (e.tmp / "wd").write_text("x") and ["ui", "--workdir", str(e.tmp / "wd")], 2,

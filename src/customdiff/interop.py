@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -269,20 +270,26 @@ def _safe_load(path: Path) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure here means the file is not a safe reference delta
-        raise UserError(f"{path}: refused: {_unpickling_problem(e)}; only reference deltas of plain tensors are "
+        raise UserError(f"{path}: refused: {_unpickling_problem(path, e)}; only reference deltas of plain tensors are "
                         "imported, and nothing in a file is ever run") from e
 
 
-def _unpickling_problem(e: Exception) -> str:
+def _unpickling_problem(path: Path, e: Exception) -> str:
     """What torch's weights-only loader refused, in a few words (its message also suggests weights_only=False)."""
+    if zipfile.is_zipfile(path):  # torch.save's format: torch lists the code it would load
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except (RuntimeError, ValueError):
+            return "a damaged or foreign zip archive, not a PyTorch checkpoint"
+        if unsafe:
+            more = f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else ""
+            return f"it asks to load {', '.join(unsafe[:3])}{more}, which is code, not a tensor or a plain container"
     text = str(e)
-    named = re.search(r"GLOBAL ([\w.]+)", text)
+    named = re.search(r"GLOBAL ([\w.]+)", text)  # the legacy format: only torch's message names it
     if named:
         return f"it asks to load {named.group(1)}, which is code, not a tensor or a plain container"
     if "Unsupported operand" in text or isinstance(e, EOFError):
         return "not a PyTorch tensor file"
-    if "hasRecord" in text or "PytorchStreamReader" in text:
-        return "a damaged or foreign zip archive, not a PyTorch checkpoint"
     lines = [line for line in text.splitlines() if line.strip() and not line.startswith("Weights only load failed")]
     return lines[0][:200] if lines else type(e).__name__
 
