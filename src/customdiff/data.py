@@ -31,8 +31,8 @@ T = TypeVar("T")
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_EXTS = {".txt"}
-# files that Windows and macOS write into photo folders by themselves (hidden dot-files are skipped as well)
 MIN_PHOTOS = 3  # below this a warning: the method is made for 4-20 photos (the web app refuses fewer than 3)
+# files that Windows and macOS write into photo folders by themselves (hidden dot-files are skipped as well)
 SYSTEM_FILES = {"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r"}
 FAR_PREFIXES = ("a far away ", "very small ")
 NEAR_PREFIXES = ("zoomed in ", "close up ")

@@ -13,6 +13,7 @@ from .data import list_images, read_json_list
 from .errors import UserError
 from .sample import read_prompts
 from .tokens import TOKEN_RE
+from .validate import unreadable
 
 
 @dataclass
@@ -136,7 +137,6 @@ def check_folders(entries: Sequence[EvalEntry]) -> None:
                 if not folder.is_dir():
                     raise UserError(f"entry {e.name}: {key} {folder} is not a folder")
                 if not os.access(folder, os.R_OK | os.X_OK):
-                    raise UserError(f"entry {e.name}: {key} {folder}: permission denied: this user may not read it; "
-                                    "change its permissions")
+                    raise unreadable(folder, f"entry {e.name}: {key}")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
-from .validate import warn
+from .validate import unreadable, warn
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,7 @@ def open_image(path: str | Path, min_side: int = 0) -> Image.Image:
     except UserError:
         raise
     except PermissionError:
-        raise UserError(f"{path}: permission denied: this user may not read it; change its permissions "
-                        "(chmod a+r)") from None
+        raise unreadable(path) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         reason = str(e).splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a readable image ({reason}); remove or replace the file") from e

@@ -499,8 +499,8 @@ def import_reference(path: str | Path | Sequence[str | Path], pipe: Any, base_na
     log.info("imported %s (%s): %d matrices, tokens %s", path, fmt, len(weights), list(tokens))
     return Delta(
         weights=weights, tokens=tokens, tokens_2=tokens_2, trained="crossattn_kv" if kv else "crossattn",
-        base={"name": public_name(base_name), "fingerprint": base_fingerprint(pipe.unet, names), "vocab_size": len(pipe.tokenizer),
-              "pipeline": pipeline_name(pipe)},
+        base={"name": public_name(base_name), "fingerprint": base_fingerprint(pipe.unet, names),
+              "vocab_size": len(pipe.tokenizer), "pipeline": pipeline_name(pipe)},
         token_info=[{"token": t, "initializer": "", "class": classes[i] if classes else ""}
                     for i, t in enumerate(tokens)],
         config={"imported_from": public_name(str(path), True), "import_format": fmt},

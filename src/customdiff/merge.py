@@ -363,7 +363,8 @@ def merge_deltas(deltas: Sequence[Delta], pipe: Any, reg_captions: Sequence[str]
     return Delta(
         weights=weights, tokens=tokens, tokens_2=tokens_2, trained=trained,
         base={"name": public_name(base_name) or deltas[0].base.get("name", ""),
-              "fingerprint": base_fingerprint(pipe.unet, names), "vocab_size": len(pipe.tokenizer), "pipeline": pipeline_name(pipe)},
+              "fingerprint": base_fingerprint(pipe.unet, names), "vocab_size": len(pipe.tokenizer),
+              "pipeline": pipeline_name(pipe)},
         token_info=token_info,
         config={"merge": {"ridge": ridge, "pad_weight": pad_weight, "reg_captions": len(reg_captions), "constraint_rows": solver.C.shape[0],
                           "exact": solver.exact, "seconds": round(elapsed, 3)}},

@@ -8,7 +8,6 @@ fingerprint, so another CLIP rebuilds the index.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -90,9 +89,10 @@ def _save_index(path: Path, cache: dict[tuple[str, int, int], Tensor], fingerpri
         "mtime_ns": torch.tensor([k[1] for k in keys], dtype=torch.int64),
         "size": torch.tensor([k[2] for k in keys], dtype=torch.int64),
     }
+    if path.exists() and not os.access(path, os.W_OK):  # a rename would replace it all the same
+        warn(f"cannot write the index {path} (the file is read-only); embeddings will be recomputed next time")
+        return
     try:
-        if path.exists() and not os.access(path, os.W_OK):  # a rename would replace it all the same
-            raise PermissionError(errno.EACCES, "the file is read-only", str(path))
         atomic_save(tensors, {"format": INDEX_FORMAT, "format_version": "1", "clip": fingerprint}, path)
     except OSError as e:  # a read-only corpus still works, only without the cache
         warn(f"cannot write the index {path} ({e.strerror}); embeddings will be recomputed next time")

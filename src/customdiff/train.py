@@ -175,8 +175,8 @@ def _run_digest(cfg: TrainConfig, specs: list[ConceptSpec], photos: str) -> str:
                  *(s.reg_captions for s in specs)]:
         if root is not None:
             p = Path(root)
-            files += [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
-                      for f in sorted([p] if p.is_file() else p.rglob("*")) if f.is_file()]
+            stats = ((f, f.stat()) for f in sorted([p] if p.is_file() else p.rglob("*")) if f.is_file())
+            files += [(str(f), st.st_size, st.st_mtime_ns) for f, st in stats]
     text = json.dumps([kept, [asdict(s) for s in specs], photos, files], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -209,19 +209,23 @@ def check_in_file(flag: str, path: str | Path, what: str = "file") -> Path:
         raise UserError(f"{flag} {path}: is a folder; give the {what} itself")
     if not p.is_file():
         raise UserError(f"{flag} {path}: no such {what}")
-    if not os.access(p, os.R_OK):
-        raise UserError(f"{flag} {path}: cannot read it (permission denied)")
+    check_readable(p, flag)
     return p
 
 
-def check_readable(path: str | Path) -> None:
+def unreadable(path: str | Path, flag: str = "") -> UserError:
+    """The error for a file or folder this user may not read (`flag`: the option that named it)."""
+    return UserError(f"{flag + ' ' if flag else ''}{path}: permission denied: this user may not read it; change its "
+                     "permissions (chmod a+r) or run as its owner")
+
+
+def check_readable(path: str | Path, flag: str = "") -> None:
     """Refuse a file this user may not read, naming it: libraries report that as a missing file, or worse."""
     try:
         with open(path, "rb"):
             pass
     except PermissionError:
-        raise UserError(f"{path}: permission denied: this user may not read it; change its permissions (chmod a+r) "
-                        "or run as its owner") from None
+        raise unreadable(path, flag) from None
     except OSError:  # missing, a folder, ...: the caller says what it expected
         pass
 

@@ -40,12 +40,10 @@ def _check_door(a: argparse.Namespace, prompts: list[str]) -> None:
     check_out_dir("--out", a.out, need_bytes=2 * per_image * a.n * len(prompts))
 
 
-def _check_prompt_tokens(texts: list[str], deltas: list[Any], vocab: set[str]) -> None:
-    """Refuse a modifier token (`<new1>`) that neither a --delta nor the base's vocabulary defines: the tokenizer
-    would split it into pieces and the sample would silently leave the concept out."""
-    from ..tokens import undefined_tokens
-
-    missing = undefined_tokens(texts, vocab | {t for d in deltas for t in d.tokens})
+def _check_prompt_tokens(undefined: list[str], vocab: set[str]) -> None:
+    """Refuse a modifier token (`<new1>`) that no --delta defines (`undefined`) and the base's vocabulary lacks:
+    the tokenizer would split it into pieces and the sample would silently leave the concept out."""
+    missing = [t for t in undefined if t not in vocab]
     if missing:
         raise UserError(f"the prompt uses {missing[0]}, which no --delta defines (the base's tokenizer does not "
                         f"know it either); pass the delta that teaches {missing[0]} with --delta FILE")
@@ -64,15 +62,14 @@ def _cmd_sample(a: argparse.Namespace) -> None:
         prompts = a.prompt or read_prompts(a.prompts_file)
         _check_door(a, prompts)
         deltas = [load_delta(p) for p in paths]  # validate every file before the slow base load
-        texts = [*prompts, a.negative_prompt or ""]
-        # the base's vocabulary (its tokenizers, loaded alone) only for tokens no delta defines; a hub id's: None,
-        # checked once the pipeline is here
-        vocab = base_vocabulary(a.base) if undefined_tokens(texts, {t for d in deltas for t in d.tokens}) else set()
+        undefined = undefined_tokens([*prompts, a.negative_prompt or ""], {t for d in deltas for t in d.tokens})
+        # only those need the base's vocabulary: its tokenizers, loaded alone; a hub id's (None) once it is loaded
+        vocab = base_vocabulary(a.base) if undefined else set()
         if vocab is not None:
-            _check_prompt_tokens(texts, deltas, vocab)
+            _check_prompt_tokens(undefined, vocab)
     pipe, _ = load_with_deltas(a.base, deltas, paths, device(a.device), a.dtype)
     if vocab is None:
-        _check_prompt_tokens(texts, deltas, pipeline_vocabulary(pipe))
+        _check_prompt_tokens(undefined, pipeline_vocabulary(pipe))
     set_scheduler(pipe, a.scheduler)
     sample_to_dir(pipe, prompts, a.out, n=a.n, seed=a.seed, steps=a.steps, guidance=a.guidance,
                   resolution=a.resolution, negative_prompt=a.negative_prompt, progress=not a.quiet)
