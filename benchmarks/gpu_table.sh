@@ -19,7 +19,8 @@ STEPS=${STEPS:-250}
 groups=${*:-sd15 levers example sd21 sdxl}
 DEADLINE=${DEADLINE:-0}
 late() { [ "$DEADLINE" -gt 0 ] && [ "$SECONDS" -ge "$DEADLINE" ] && echo "skipped after ${SECONDS}s (DEADLINE=$DEADLINE): $*" >&2; }
-run() { late "$@" || "$PY" benchmarks/realscale.py --work "$WORK" --json "$OUT" "$@"; }
+# a run that fails is reported and the next one starts: one crash must not cost the rest of a device call
+run() { late "$@" || "$PY" benchmarks/realscale.py --work "$WORK" --json "$OUT" "$@" || echo "run FAILED: $*" >&2; }
 # the tiny pipeline's delta with graphs against the eager one, on the GPU
 graphs_test() {
   late graphs test || "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py -k real_cuda_graphs \

@@ -36,6 +36,21 @@ def graphs_unusable(cuda: bool, compiled: bool, accumulation: int, processes: in
     return None
 
 
+def _end_rng_capture() -> None:
+    """Give each CUDA generator a fresh copy of its state after a failed capture.
+
+    A capture marks the generators' states as capturing and unmarks them only when it ends well; after a failed
+    one, every later random draw on the GPU in the process (sampling after training, in the web app) raises
+    "Offset increment outside graph capture". A copy keeps the seed and offset, unmarked.
+    """
+    for gen in torch.cuda.default_generators:  # empty until CUDA is initialised
+        try:
+            gen.graphsafe_set_state(gen.clone_state())
+        except RuntimeError as e:
+            log.warning("--cuda-graphs: could not reset the GPU's random generator after the failed capture "
+                        "(%s); random draws on the GPU may fail in this process", e)
+
+
 def _signature(args: Sequence[torch.Tensor]) -> tuple:
     return tuple((a.shape, a.dtype, a.device, a.requires_grad) for a in args)
 
@@ -63,7 +78,6 @@ class GraphedUNet:
         self.signature: tuple | None = None
         self.failed = False
         self.eager_calls = 0
-        self.accumulators: list = []  # the trained tensors' gradient-accumulation nodes, made before the capture
 
     def eager(self, sample: torch.Tensor, t: torch.Tensor, states: torch.Tensor,
               added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -81,11 +95,11 @@ class GraphedUNet:
         device = args[0].device.type
         # fresh leaf inputs: the graph reads its inputs from these buffers for its whole life
         static = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
-        # each trained tensor's gradient accumulator, made here on the training stream and kept alive: the
-        # capture's warm-up passes run on a side stream, and an accumulator made there (which the graphs then
-        # keep alive) would receive every replayed gradient from another stream, a synchronisation per tensor
-        # per step (torch warns of the mismatch once)
-        self.accumulators = [torch.autograd.graph.get_gradient_edge(p).node for p in self.params]
+        # The capture's passes make the trained tensors' gradient-accumulation nodes on its side streams, and its
+        # graphs keep them alive, so torch warns once a run that replayed gradients reach them from another
+        # stream. Made on the training stream before the capture instead, they fail the capture: its backward
+        # pass then waits on a stream outside it (fifteenth session, on a GPU). Detaching the captured output
+        # afterwards did not end the warning either. The replayed runs reach 8.2 steps/s with it (performance.md)
         t0 = time.perf_counter()
         try:
             with torch.autocast(device, dtype=torch.get_autocast_dtype(device),
@@ -94,6 +108,7 @@ class GraphedUNet:
                 self.graphed = capture(self._function(len(args)), static + self.params)
         except Exception as e:  # noqa: BLE001 - any capture failure leaves the eager pass, which is correct
             self.failed = True
+            _end_rng_capture()
             log.warning("--cuda-graphs: capturing the UNet failed (%s: %s); it runs eagerly", type(e).__name__, e)
             return
         self.signature = _signature(args)

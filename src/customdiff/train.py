@@ -363,17 +363,13 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
                             cache=cfg.cache, vae_call_pixels=vae_call_pixels(cuda, cfg.gradient_checkpointing)
                             ).to(accelerator.device)
     model.train()
-    # auto leaves graphs off under checkpointing: the pair is tested on the CPU only, unmeasured on a GPU
-    if cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and not cfg.gradient_checkpointing):
+    if cfg.cuda_graphs != "off":
         why = graphs_unusable(cuda, cfg.compile, cfg.gradient_accumulation, accelerator.num_processes,
                               checkpoint_reads_rng)
         if why is None:
             model.graphed_unet = GraphedUNet(unet, list(trainable.values()))
         elif cfg.cuda_graphs == "on":
             log.warning("--cuda-graphs %s; the UNet runs eagerly", why)
-    elif cfg.cuda_graphs == "auto" and cuda:
-        log.info("--cuda-graphs auto: off under --gradient-checkpointing (unmeasured there on a GPU; "
-                 "--cuda-graphs on captures the checkpointed pass)")
     params = {**trainable, **{f"<{prefix}>": r.rows for prefix, r in rows_by_side.items()}}
 
     world = accelerator.num_processes
