@@ -95,11 +95,11 @@ class GraphedUNet:
         device = args[0].device.type
         # fresh leaf inputs: the graph reads its inputs from these buffers for its whole life
         static = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
-        # The capture's passes make the trained tensors' gradient-accumulation nodes on its side streams, and its
-        # graphs keep them alive, so torch warns once a run that replayed gradients reach them from another
-        # stream. Made on the training stream before the capture instead, they fail the capture: its backward
-        # pass then waits on a stream outside it (fifteenth session, on a GPU). Detaching the captured output
-        # afterwards did not end the warning either. The replayed runs reach 8.2 steps/s with it (performance.md)
+        # The capture's warm-up passes make the trained tensors' gradient-accumulation nodes on a side stream and
+        # keep them alive, so torch warns once a run that a gradient reached them from another stream (in the
+        # capture's backward pass, or in every replay). Made on the training stream before the capture instead,
+        # they fail the capture: its backward pass then waits on a stream outside it (fifteenth session, on a
+        # GPU). The replayed runs reach 8.2 steps/s with the warning (docs/performance.md)
         t0 = time.perf_counter()
         try:
             with torch.autocast(device, dtype=torch.get_autocast_dtype(device),
