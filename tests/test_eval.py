@@ -290,4 +290,28 @@ def test_an_unreadable_class_folder_is_refused_before_sampling(concept_dirs, tmp
     locked = entries[0].concepts[0].class_dir
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
     with pytest.raises(UserError, match="class_data_dir .*: permission denied: this user may not read it"):
-        check_folders(entries)
+        check_folders(entries, 200)
+
+
+def test_an_unreadable_or_missing_class_image_is_refused_before_sampling(concept_dirs, tmp_path, monkeypatch):
+    """Before, such an image was found while scoring, after every prompt was sampled."""
+    import os
+
+    from customdiff.dataset import check_folders, class_images, read_dataset
+
+    entries = read_dataset(_dataset(tmp_path / "ds", concept_dirs))
+    folder = entries[0].concepts[0].class_dir
+    first = class_images(folder, 200)[0]
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != first and real(p, mode))
+    with pytest.raises(UserError, match=f"class_data_dir {first}: permission denied"):
+        check_folders(entries, 200)
+    check_folders(entries, 0)  # only the first max_real images are read
+    monkeypatch.setattr(os, "access", real)
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "images.txt").write_text(f"{first}\n{folder / 'gone.png'}\n")
+    entries[0].concepts[0].class_dir = listed
+    with pytest.raises(UserError, match="gone.png, which does not exist; fix its images.txt"):
+        check_folders(entries, 200)
+    check_folders(entries, 1)

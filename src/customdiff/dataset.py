@@ -127,8 +127,9 @@ def class_images(folder: Path, limit: int) -> list[Path]:
     return paths[:limit]
 
 
-def check_folders(entries: Sequence[EvalEntry]) -> None:
-    """Fail before any sampling when a concept's photo folder or class image folder is missing or unreadable."""
+def check_folders(entries: Sequence[EvalEntry], max_real: int) -> None:
+    """Fail before any sampling when a concept's photo folder or class image folder, or an image that scoring
+    will read from them (the first `max_real` class images), is missing or unreadable."""
     for e in entries:
         for c in e.concepts:
             for key, folder in (("instance_data_dir", c.instance_dir), ("class_data_dir", c.class_dir)):
@@ -138,5 +139,12 @@ def check_folders(entries: Sequence[EvalEntry]) -> None:
                     raise UserError(f"entry {e.name}: {key} {folder} is not a folder")
                 if not os.access(folder, os.R_OK | os.X_OK):
                     raise unreadable(folder, f"entry {e.name}: {key}")
+                read = list_images(folder, True) if key == "instance_data_dir" else class_images(folder, max_real)
+                for p in read:
+                    if not p.is_file():
+                        raise UserError(f"entry {e.name}: {key} {folder} lists {p}, which does not exist; fix "
+                                        "its images.txt")
+                    if not os.access(p, os.R_OK):
+                        raise unreadable(p, f"entry {e.name}: {key}")
 
 

@@ -224,7 +224,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         check_multiple("--resolution", cfg.resolution, sampling_multiple(facts), SAMPLING_MULTIPLE_WHY)
     out = check_out(cfg.out, "eval", METRICS_FILE, replaces=[IMAGES_DIR])
     entries = read_dataset(cfg.dataset, cfg.entries)
-    check_folders(entries)
+    check_folders(entries, cfg.max_real)
     if cfg.images is not None and not Path(cfg.images).is_dir():
         raise UserError(f"--images {cfg.images}: no such folder")
     loaded = [load_delta(p) for p in cfg.deltas]  # validate every file before the slow loads
