@@ -256,6 +256,24 @@ def test_a_failed_capture_resets_the_gpu_random_generators(tiny_base, monkeypatc
     assert [g.state for g in gens] == ["fresh", "fresh"]
 
 
+def test_the_capture_holds_the_lock_that_other_gpu_work_waits_for(tiny_base):
+    from customdiff.graphs import CAPTURE_LOCK
+
+    unet, params, width = _tiny_unet(tiny_base)
+    fake = FakeCapture()
+    held: list[bool] = []
+
+    def capture(fn, args):
+        held.append(CAPTURE_LOCK.locked())
+        return fake(fn, args)
+
+    graphed = GraphedUNet(unet, params, capture=capture)
+    x = (torch.randn(1, 4, unet.config.sample_size, unet.config.sample_size), torch.tensor([10]),
+         torch.randn(1, 7, width))
+    graphed(*x)
+    assert held == [True] and not CAPTURE_LOCK.locked() and fake.forwards == 1
+
+
 def test_a_failed_capture_falls_back_to_the_eager_pass(tiny_base, caplog):
     unet, params, width = _tiny_unet(tiny_base)
 

@@ -49,6 +49,29 @@ def test_a_work_folder_whose_subfolder_cannot_be_written_is_refused_at_start(tmp
     assert Workdir(tmp_path / "wd").jobs.is_dir()
 
 
+def test_gpu_tasks_wait_while_a_training_run_captures_its_cuda_graphs(tiny_base, tmp_path):
+    """A capture forbids other GPU work in the process (another thread's random draw or allocation fails), so on
+    a GPU the web app's tasks hold graphs.CAPTURE_LOCK, which the capture holds; on the CPU they take no lock."""
+    import threading
+
+    from customdiff.graphs import CAPTURE_LOCK
+    from customdiff.ui.tasks import Tasks
+
+    tasks = Tasks(Workdir(tmp_path / "wd"), tiny_base, "cpu")
+    try:
+        for device, waits in (("cuda", True), ("cpu", False)):
+            tasks.device = device  # only whether a task takes the lock depends on it here
+            ran = threading.Event()
+            with CAPTURE_LOCK:  # as a training run's capture holds it
+                task = tasks.submit("sample", lambda ran=ran: ran.set() or {})
+                assert ran.wait(0.5) != waits
+            assert ran.wait(5)
+            while tasks.get(task)["state"] != "done":
+                time.sleep(0.01)
+    finally:
+        tasks.shutdown()
+
+
 def test_train_callback_stops_with_a_checkpoint_and_resume_matches(tiny_base, concept_dirs, tmp_path):
     from customdiff.config import TrainConfig
     from customdiff.data import ConceptSpec

@@ -5,6 +5,7 @@ UNet's ~11,000 operator calls a step, launched one by one from Python, which bou
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -12,6 +13,12 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+# Held while the UNet is captured. A capture forbids other GPU work in the process: in torch's global capture
+# mode another thread's allocation or host sync fails and voids the capture, and the default CUDA generators are
+# marked as capturing, so another thread's random draw with them raises. Code that uses the GPU beside a
+# training run in the same process (the web app's sample and merge tasks) holds it while it does.
+CAPTURE_LOCK = threading.Lock()
 
 # (callable, sample args) -> the graphed callable; torch.cuda.make_graphed_callables, or a stand-in in tests
 Capture = Callable[[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]], Callable[..., torch.Tensor]]
@@ -101,16 +108,18 @@ class GraphedUNet:
         # they fail the capture: its backward pass then waits on a stream outside it (fifteenth session, on a
         # GPU). The replayed runs reach 8.2 steps/s with the warning (docs/performance.md)
         t0 = time.perf_counter()
-        try:
-            with torch.autocast(device, dtype=torch.get_autocast_dtype(device),
-                                enabled=torch.is_autocast_enabled(device), cache_enabled=False):
-                capture = self.capture or torch.cuda.make_graphed_callables
-                self.graphed = capture(self._function(len(args)), static + self.params)
-        except Exception as e:  # noqa: BLE001 - any capture failure leaves the eager pass, which is correct
-            self.failed = True
-            _end_rng_capture()
-            log.warning("--cuda-graphs: capturing the UNet failed (%s: %s); it runs eagerly", type(e).__name__, e)
-            return
+        with CAPTURE_LOCK:
+            try:
+                with torch.autocast(device, dtype=torch.get_autocast_dtype(device),
+                                    enabled=torch.is_autocast_enabled(device), cache_enabled=False):
+                    capture = self.capture or torch.cuda.make_graphed_callables
+                    self.graphed = capture(self._function(len(args)), static + self.params)
+            except Exception as e:  # noqa: BLE001 - any capture failure leaves the eager pass, which is correct
+                self.failed = True
+                _end_rng_capture()
+                log.warning("--cuda-graphs: capturing the UNet failed (%s: %s); it runs eagerly",
+                            type(e).__name__, e)
+                return
         self.signature = _signature(args)
         log.info("--cuda-graphs: captured the UNet's forward and backward pass in %.1f s",
                  time.perf_counter() - t0)

@@ -11,10 +11,12 @@ import time
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..graphs import CAPTURE_LOCK
 from ..sample import SamplingCancelled
 from .jobs import _page_message
 from .workdir import Workdir, entry, safe_name
@@ -47,7 +49,9 @@ class Tasks:
         def run() -> None:
             self.tasks[task_id]["state"] = "running"
             try:
-                result = fn()
+                # not while a training job captures its CUDA graphs (graphs.CAPTURE_LOCK says why)
+                with CAPTURE_LOCK if self.device.startswith("cuda") else nullcontext():
+                    result = fn()
                 with self.lock:
                     self.tasks[task_id].update(state="done", result=result)
             except SamplingCancelled:
