@@ -615,7 +615,8 @@ def main(argv: list[str] | None = None) -> None:
                    "imports, loading, checks); not with the example")
     g.add_argument("--phases", action="store_true", help="time each phase of a step (UNet forward, backward, VAE "
                    "encoder, text encoders, optimizer; a GPU is synchronised at each edge, so the run's own rate is "
-                   "not a benchmark); not with the example")
+                   "not a benchmark); not with the example, nor with --cuda-graphs on (its syncs would fail the "
+                   "capture; it runs eagerly: --cuda-graphs off)")
     g.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -626,6 +627,10 @@ def main(argv: list[str] | None = None) -> None:
             ap.error("--no-augment applies to customdiff only; diffusers' example has no such switch")
         if a.example and a.phases:
             ap.error("--phases times customdiff's steps only")
+        if a.phases:
+            if a.cuda_graphs == "on":
+                ap.error("--phases synchronises the GPU inside the UNet's pass, which a CUDA graph capture forbids")
+            a.cuda_graphs = "off"  # one replay has no phases to time
         bench(a)
         return
     torch.manual_seed(0)

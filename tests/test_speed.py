@@ -69,6 +69,22 @@ def test_prefetch_stops_cleanly_and_passes_errors_on(concept_dirs):
         list(prefetch(broken, range(5), 2))
 
 
+def test_prefetch_pins_only_while_no_cuda_graph_is_being_captured(monkeypatch):
+    """Pinning allocates through CUDA, which a capture on the training thread forbids; the background thread
+    pins under graphs.CAPTURE_LOCK (pinning itself needs a GPU, so here it only records the lock)."""
+    from customdiff.graphs import CAPTURE_LOCK
+
+    held: list[bool] = []
+
+    def pin(self: torch.Tensor) -> torch.Tensor:
+        held.append(CAPTURE_LOCK.locked())
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    out = list(prefetch(lambda k: {"x": torch.full((2,), k), "name": str(k)}, range(4), 2, pin=True))
+    assert [o["name"] for o in out] == ["0", "1", "2", "3"] and held == [True] * 4
+
+
 def _tiny_model(base: str, cache: bool) -> tuple[CustomDiffusion, object]:
     pipe = load_pipeline(base)
     pipe.vae.requires_grad_(False)

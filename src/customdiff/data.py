@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import UserError
+from .graphs import CAPTURE_LOCK
 from .images import open_image
 from .tokens import find_tokens
 from .validate import (
@@ -454,7 +455,8 @@ def prefetch(make: Callable[[int], T], keys: Iterable[int], depth: int = 2,
     def job(key: int) -> T:
         out = make(key)
         if pin and isinstance(out, dict):
-            out = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in out.items()}  # type: ignore[assignment]
+            with CAPTURE_LOCK:  # pinning allocates through CUDA, which a capture on the training thread forbids
+                out = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in out.items()}  # type: ignore[assignment]
         return out
 
     if depth <= 0:

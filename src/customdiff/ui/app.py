@@ -321,7 +321,7 @@ def create_app(wd: Workdir, trainer: Trainer, tasks: Tasks, base: str, loopback:
         try:
             import asyncio
 
-            await asyncio.to_thread(tasks.check_file, part, shown)
+            await asyncio.to_thread(tasks.check_upload, part, shown)
             dest = wd.unique(wd.deltas, safe_name(Path(shown).stem, "delta"), ".safetensors")
             part.replace(dest)
         finally:

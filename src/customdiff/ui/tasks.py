@@ -11,7 +11,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,7 @@ class Tasks:
         def run() -> None:
             self.tasks[task_id]["state"] = "running"
             try:
-                # not while a training job captures its CUDA graphs (graphs.CAPTURE_LOCK says why)
-                with CAPTURE_LOCK if self.device.startswith("cuda") else nullcontext():
+                with self.gpu():
                     result = fn()
                 with self.lock:
                     self.tasks[task_id].update(state="done", result=result)
@@ -65,6 +64,16 @@ class Tasks:
 
         self.pool.submit(run)
         return task_id
+
+    def gpu(self) -> AbstractContextManager:
+        """Held around work on the base pipeline: on a GPU, not while a training job captures its CUDA graphs
+        (graphs.CAPTURE_LOCK says why)."""
+        return CAPTURE_LOCK if self.device.startswith("cuda") else nullcontext()
+
+    def check_upload(self, path: Path, shown: str) -> Any:
+        """check_file for an uploaded delta, outside the task thread."""
+        with self.gpu():
+            return self.check_file(path, shown)
 
     def get(self, task_id: str) -> dict[str, Any]:
         """A task's state, result or error."""
