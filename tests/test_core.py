@@ -72,6 +72,27 @@ def test_three_joint_tokens_all_change(tiny_base, concept_dirs, tmp_path):
         assert not torch.equal(row, emb[base.tokenizer.convert_tokens_to_ids(inits[tok])]), tok
 
 
+def test_a_checkpoint_keeps_the_fp16_loss_scale(tiny_base, tmp_path):
+    """Resumed at its initial scale, an fp16 run could overflow (and skip) a step the uninterrupted run did not.
+    (accelerate makes no scaler on the CPU; torch's own CPU scaler has the same state.)"""
+    import customdiff.train as tr
+
+    cfg = _cfg(tiny_base, tmp_path / "d.safetensors", steps=6)
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w])
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))  # the scale exists from the first scaled loss on
+    scaler.update(new_scale=128.0)  # as after overflows
+    tr._save_checkpoint(tmp_path / "ck", 3, cfg, {"w": w}, opt, "", scaler)
+    fresh = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert tr._load_checkpoint(tmp_path / "ck", cfg, {"w": w}, opt, fresh) == 3
+    assert fresh.get_scale() == 128.0
+    tr._save_checkpoint(tmp_path / "ck", 3, cfg, {"w": w}, opt, "")  # bf16 or float32: no scaler
+    fresh = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    tr._load_checkpoint(tmp_path / "ck", cfg, {"w": w}, opt, fresh)
+    assert fresh.get_scale() == 1024.0
+
+
 def test_resume_equals_uninterrupted(tiny_base, concept_dirs, tmp_path, monkeypatch):
     import customdiff.train as tr
 

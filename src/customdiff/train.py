@@ -190,13 +190,17 @@ def _made_by(out: Path, run: str) -> bool:
 
 
 def _save_checkpoint(path: Path, step: int, cfg: TrainConfig, params: dict[str, torch.nn.Parameter],
-                     optimizer: torch.optim.Optimizer, photos: str = "") -> None:
+                     optimizer: torch.optim.Optimizer, photos: str = "", scaler: Any = None) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for name, p in params.items():
         tensors[f"param.{name}"] = p.detach().cpu().contiguous()
         for k, v in optimizer.state.get(p, {}).items():
             tensors[f"opt.{name}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
     meta = {"step": str(step), "config": json.dumps(cfg.to_dict()), "photos": photos}
+    if scaler is not None and scaler.is_enabled():
+        # fp16's loss scale: resumed at its initial value instead, a step could overflow (and be skipped) where
+        # the uninterrupted run's did not
+        meta["scaler"] = json.dumps(scaler.state_dict())
     make_dirs(path.parent)
     made = not path.is_dir()
     path.mkdir(exist_ok=True)
@@ -229,7 +233,7 @@ def check_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
 
 
 def _load_checkpoint(path: Path, cfg: TrainConfig, params: dict[str, torch.nn.Parameter],
-                     optimizer: torch.optim.Optimizer) -> int:
+                     optimizer: torch.optim.Optimizer, scaler: Any = None) -> int:
     file = path / "latest.safetensors"
     tensors = check_checkpoint(path, cfg)
     with torch.no_grad():
@@ -241,7 +245,13 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, params: dict[str, torch.nn.Pa
                      if k.startswith(f"opt.{name}.") and k.count(".") == name.count(".") + 2}
             if state:
                 optimizer.state[p] = state
-    return int(read_metadata(file)["step"])
+    meta = read_metadata(file)
+    if scaler is not None and scaler.is_enabled() and meta.get("scaler"):
+        try:
+            scaler.load_state_dict(json.loads(meta["scaler"]))
+        except (ValueError, TypeError, KeyError, RuntimeError) as e:
+            raise UserError(f"{file}: its fp16 loss-scaler state is damaged ({e}); delete {path} to start over") from e
+    return int(meta["step"])
 
 
 def _reg_sources(cfg: TrainConfig, specs: list[ConceptSpec], pipe: Any, is_main: bool, accelerator: Any,
@@ -383,7 +393,7 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     start = 0
     if cfg.resume:
         if (ckpt / "latest.safetensors").is_file():
-            start = _load_checkpoint(ckpt, cfg, params, optimizer)
+            start = _load_checkpoint(ckpt, cfg, params, optimizer, accelerator.scaler)
             log.info("resuming %s from step %d", out, start)
         else:
             log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt)
@@ -437,7 +447,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
             stop = stop or bool(interrupt is not None and interrupt.requested and step + 1 < cfg.steps)
             if stop or checkpoint:
                 if is_main:
-                    _save_checkpoint(ckpt, step + 1, cfg, params, getattr(optimizer, "optimizer", optimizer), photos)
+                    _save_checkpoint(ckpt, step + 1, cfg, params, getattr(optimizer, "optimizer", optimizer), photos,
+                                     accelerator.scaler)
                 accelerator.wait_for_everyone()
             if stop:
                 bar.close()
