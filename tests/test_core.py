@@ -72,6 +72,28 @@ def test_three_joint_tokens_all_change(tiny_base, concept_dirs, tmp_path):
         assert not torch.equal(row, emb[base.tokenizer.convert_tokens_to_ids(inits[tok])]), tok
 
 
+def test_a_pipeline_passed_in_trains_on_its_own_device(tiny_base, concept_dirs, tmp_path, monkeypatch):
+    """The web app's --device cpu on a machine with a GPU: accelerate would have moved its pipeline to the GPU
+    (the GPU is simulated: only whether accelerate is told to stay on the CPU is checked)."""
+    import accelerate
+    from tiny import reset_accelerate
+
+    told: list[bool | None] = []
+    real = accelerate.Accelerator
+
+    def spy(*a, **k):
+        told.append(k.get("cpu"))
+        return real(*a, **k)
+
+    reset_accelerate()
+    monkeypatch.setattr(accelerate, "Accelerator", spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    pipe = load_pipeline(tiny_base)
+    train(_cfg(tiny_base, tmp_path / "d.safetensors", steps=1), [_spec(concept_dirs)], progress=False, pipe=pipe)
+    assert told == [True] and pipe.unet.device.type == "cpu"
+    reset_accelerate()
+
+
 def test_a_checkpoint_keeps_the_fp16_loss_scale(tiny_base, tmp_path):
     """Resumed at its initial scale, an fp16 run could overflow (and skip) a step the uninterrupted run did not.
     (accelerate makes no scaler on the CPU; torch's own CPU scaler has the same state.)"""

@@ -303,8 +303,13 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
         warn(f"--resume: {out} is already the finished delta of this run (same settings and photos); nothing to "
              "do. Leave out --resume to train it again")
         return out
-    # without a GPU, accelerate only forms a multi-process (gloo) group when told it runs on the CPU
-    on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    # without a GPU, accelerate only forms a multi-process (gloo) group when told it runs on the CPU. A pipeline
+    # passed in trains on its own device (the web app's --device): accelerate would move it to the first GPU
+    where = pipe.device if pipe is not None else None
+    on_cpu = (where.type == "cpu" if where is not None
+              else not torch.cuda.is_available() and not torch.backends.mps.is_available())
+    if where is not None and where.type == "cuda" and where.index is not None:
+        torch.cuda.set_device(where)  # this thread's current GPU, which accelerate's "cuda" device means
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation,
                               log_with="tensorboard" if cfg.logdir else None,
