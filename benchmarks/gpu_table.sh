@@ -4,7 +4,7 @@
 # the same data and settings. Every run appends one JSON line to $OUT; see docs/performance.md.
 #
 #   bash benchmarks/gpu_table.sh            # everything (about 25 minutes on an H100)
-#   bash benchmarks/gpu_table.sh sd15       # one group: sd15 | levers | example | sd21 | sdxl | core | profile | graphs | next
+#   bash benchmarks/gpu_table.sh sd15       # one group: sd15 | levers | example | sd21 | sdxl | core | profile | graphs | next | suite
 #   STEPS=150 DIFFUSERS_EXAMPLE=... bash benchmarks/gpu_table.sh core   # one 10-minute device call: the
 #                                           # example, the defaults, lean activations off, checkpointing
 #   STEPS=150 DEADLINE=480 DIFFUSERS_EXAMPLE=... bash benchmarks/gpu_table.sh next   # what is still
@@ -85,12 +85,18 @@ for g in $groups; do
       run "${sd15[@]}" --mixed-precision fp16 --gradient-checkpointing --label ckpt-graphs
       run "${sd15[@]}" --mixed-precision fp16 --gradient-checkpointing --cuda-graphs off --label ckpt-eager
       "$PY" benchmarks/compare_deltas.py "$OUT" ckpt-graphs ckpt-eager || true ;;
+    suite)  # the test suite on the GPU machine. train() takes the GPU path there (CUDA graphs, fused AdamW, pinned
+            # batches, leaner activations), so every training test runs it, the web app's too; a test that fails
+            # only here is a GPU-only bug or a tolerance the GPU's summation order breaks. Needs the web app's
+            # wheels in .whl (fastapi, starlette, pydantic, pydantic_core, annotated-types, typing-inspection,
+            # uvicorn, python-multipart); Chromium is absent there, so the browser tests skip
+      late suite || "$PY" -m pytest -q -p no:cacheprovider --tb=line -rfE tests || echo "suite: FAILED" >&2 ;;
     sd21)
       run --arch sd21 --resolution 768 --batch-size 8 --train-steps "$STEPS" --mixed-precision fp16 ;;
     sdxl)
       run --arch sdxl --resolution 1024 --batch-size 2 --train-steps "$STEPS" --mixed-precision fp16
       run --arch sdxl --resolution 1024 --batch-size 2 --train-steps "$STEPS" --mixed-precision bf16 ;;
-    *) echo "unknown group $g (sd15 | levers | example | sd21 | sdxl | core | profile | graphs | next)" >&2; exit 2 ;;
+    *) echo "unknown group $g (sd15 | levers | example | sd21 | sdxl | core | profile | graphs | next | suite)" >&2; exit 2 ;;
   esac
 done
 echo "results in $OUT"
