@@ -94,6 +94,25 @@ def test_a_pipeline_passed_in_trains_on_its_own_device(tiny_base, concept_dirs, 
     reset_accelerate()
 
 
+def test_resume_of_a_finished_read_only_delta_does_nothing(tiny_base, concept_dirs, tmp_path, monkeypatch):
+    """Before, the output check refused the read-only delta before the run could see it had nothing to do.
+    (Root may write anything, so the OS's refusal is simulated for the delta alone.)"""
+    import os
+
+    from customdiff.errors import UserError
+
+    out = tmp_path / "d.safetensors"
+    cfg = _cfg(tiny_base, out, steps=2)
+    train(cfg, [_spec(concept_dirs)], progress=False)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: not (Path(p) == out and mode & os.W_OK) and real(p, mode))
+    cfg.resume = True
+    assert train(cfg, [_spec(concept_dirs)], progress=False) == out
+    cfg.steps = 3  # another run: it would replace the delta, which it may not
+    with pytest.raises(UserError, match="read-only"):
+        train(cfg, [_spec(concept_dirs)], progress=False)
+
+
 def test_a_checkpoint_keeps_the_fp16_loss_scale(tiny_base, tmp_path):
     """Resumed at its initial scale, an fp16 run could overflow (and skip) a step the uninterrupted run did not.
     (accelerate makes no scaler on the CPU; torch's own CPU scaler has the same state.)"""

@@ -134,7 +134,14 @@ def _check_config(cfg: TrainConfig, specs: list[ConceptSpec],
         if facts is not None:
             check_multiple("--resolution", cfg.resolution, facts.factor, " (the VAE's factor)")
             check_number("--class-image-steps", cfg.class_image_steps, 1, facts.max_sampling_steps, why=STEPS_WHY)
-        out = check_out_file("--out", cfg.out, ".safetensors")
+        try:
+            out = check_out_file("--out", cfg.out, ".safetensors")
+        except UserError:
+            # a --resume of a finished run writes nothing (a read-only delta stays as it is): train() checks
+            # again once it knows whether this run made it
+            if not (cfg.resume and Path(cfg.out).is_file()):
+                raise
+            out = Path(cfg.out)
         ckpt = checkpoint_dir(out)
         if ckpt.exists() and not ckpt.is_dir():
             raise UserError(f"--out {cfg.out}: {ckpt} (its checkpoint folder) is a file; remove or rename it")
@@ -303,6 +310,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
         warn(f"--resume: {out} is already the finished delta of this run (same settings and photos); nothing to "
              "do. Leave out --resume to train it again")
         return out
+    if cfg.resume:
+        check_out_file("--out", cfg.out, ".safetensors")  # what _check_config let pass for a finished run
     # without a GPU, accelerate only forms a multi-process (gloo) group when told it runs on the CPU. A pipeline
     # passed in trains on its own device (the web app's --device): accelerate would move it to the first GPU
     where = pipe.device if pipe is not None else None
