@@ -19,12 +19,16 @@ STEPS=${STEPS:-250}
 groups=${*:-sd15 levers example sd21 sdxl}
 DEADLINE=${DEADLINE:-0}
 late() { [ "$DEADLINE" -gt 0 ] && [ "$SECONDS" -ge "$DEADLINE" ] && echo "skipped after ${SECONDS}s (DEADLINE=$DEADLINE): $*" >&2; }
-# a run that fails is reported and the next one starts: one crash must not cost the rest of a device call
-run() { late "$@" || "$PY" benchmarks/realscale.py --work "$WORK" --json "$OUT" "$@" || echo "run FAILED: $*" >&2; }
+# a run that fails is reported and the next one starts: one crash must not cost the rest of a device call; the
+# script's exit status still says that something failed
+failed=0
+run() {
+  late "$@" || "$PY" benchmarks/realscale.py --work "$WORK" --json "$OUT" "$@" || { echo "run FAILED: $*" >&2; failed=1; }
+}
 # the tiny pipeline's delta with graphs against the eager one, on the GPU
 graphs_test() {
   late graphs test || "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py \
-    -k "real_cuda_graphs or failed_real_capture" || echo "graphs: test FAILED" >&2
+    -k "real_cuda_graphs or failed_real_capture" || { echo "graphs: test FAILED" >&2; failed=1; }
 }
 sd15=(--arch sd15 --resolution 512 --batch-size 8 --train-steps "$STEPS")
 for g in $groups; do
@@ -90,7 +94,7 @@ for g in $groups; do
             # only here is a GPU-only bug or a tolerance the GPU's summation order breaks. Needs the web app's
             # wheels in .whl (fastapi, starlette, pydantic, pydantic_core, annotated-types, typing-inspection,
             # uvicorn, python-multipart); Chromium is absent there, so the browser tests skip
-      late suite || "$PY" -m pytest -q -p no:cacheprovider --tb=line -rfE tests || echo "suite: FAILED" >&2 ;;
+      late suite || "$PY" -m pytest -q -p no:cacheprovider --tb=line -rfE tests || { echo "suite: FAILED" >&2; failed=1; } ;;
     sd21)
       run --arch sd21 --resolution 768 --batch-size 8 --train-steps "$STEPS" --mixed-precision fp16 ;;
     sdxl)
@@ -100,3 +104,4 @@ for g in $groups; do
   esac
 done
 echo "results in $OUT"
+exit $failed

@@ -569,9 +569,13 @@ def bench(a: argparse.Namespace) -> dict:
                   "delta": config["out"]}
         # a capture that fails leaves a correct but eager run: say so where nobody reads the log list (the
         # fifteenth session found every capture failing since the twelfth)
-        eager = [m.splitlines()[0] for m in result.get("cuda_graphs_log", []) if "failed" in m or "differ" in m]
+        log_lines = result.get("cuda_graphs_log", [])
+        eager = [m.splitlines()[0] for m in log_lines if "failed" in m or "differ" in m]
         if eager:
             print("WARNING: --cuda-graphs did not replay every step: " + "; ".join(eager), file=sys.stderr)
+        elif torch.cuda.is_available() and a.cuda_graphs != "off" and not any("captured" in m for m in log_lines):
+            print("WARNING: --cuda-graphs: nothing was captured (see graphs_unusable for the settings it skips)",
+                  file=sys.stderr)
     row = {**settings, **result, **({"label": a.label} if a.label else {})}
     print(json.dumps(row))
     if a.json:
@@ -615,8 +619,8 @@ def main(argv: list[str] | None = None) -> None:
                    "imports, loading, checks); not with the example")
     g.add_argument("--phases", action="store_true", help="time each phase of a step (UNet forward, backward, VAE "
                    "encoder, text encoders, optimizer; a GPU is synchronised at each edge, so the run's own rate is "
-                   "not a benchmark); not with the example, nor with --cuda-graphs on (its syncs would fail the "
-                   "capture; it runs eagerly: --cuda-graphs off)")
+                   "not a benchmark); not with the example, nor with --cuda-graphs on (its syncs would fail "
+                   "the capture; it runs eagerly: --cuda-graphs off)")
     g.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -629,7 +633,7 @@ def main(argv: list[str] | None = None) -> None:
             ap.error("--phases times customdiff's steps only")
         if a.phases:
             if a.cuda_graphs == "on":
-                ap.error("--phases synchronises the GPU inside the UNet's pass, which a CUDA graph capture forbids")
+                ap.error("--phases synchronises the GPU inside the UNet's pass, which a capture forbids")
             a.cuda_graphs = "off"  # one replay has no phases to time
         bench(a)
         return

@@ -72,7 +72,7 @@ def test_three_joint_tokens_all_change(tiny_base, concept_dirs, tmp_path):
         assert not torch.equal(row, emb[base.tokenizer.convert_tokens_to_ids(inits[tok])]), tok
 
 
-def test_a_pipeline_passed_in_trains_on_its_own_device(tiny_base, concept_dirs, tmp_path, monkeypatch):
+def test_device_cpu_trains_on_the_cpu_where_there_is_a_gpu(tiny_base, concept_dirs, tmp_path, monkeypatch):
     """The web app's --device cpu on a machine with a GPU: accelerate would have moved its pipeline to the GPU
     (the GPU is simulated: only whether accelerate is told to stay on the CPU is checked)."""
     import accelerate
@@ -89,7 +89,8 @@ def test_a_pipeline_passed_in_trains_on_its_own_device(tiny_base, concept_dirs, 
     monkeypatch.setattr(accelerate, "Accelerator", spy)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     pipe = load_pipeline(tiny_base)
-    train(_cfg(tiny_base, tmp_path / "d.safetensors", steps=1), [_spec(concept_dirs)], progress=False, pipe=pipe)
+    cfg = _cfg(tiny_base, tmp_path / "d.safetensors", steps=1)
+    train(cfg, [_spec(concept_dirs)], progress=False, pipe=pipe, device="cpu")
     assert told == [True] and pipe.unet.device.type == "cpu"
     reset_accelerate()
 
@@ -116,7 +117,11 @@ def test_resume_of_a_finished_read_only_delta_does_nothing(tiny_base, concept_di
 def test_a_checkpoint_keeps_the_fp16_loss_scale(tiny_base, tmp_path):
     """Resumed at its initial scale, an fp16 run could overflow (and skip) a step the uninterrupted run did not.
     (accelerate makes no scaler on the CPU; torch's own CPU scaler has the same state.)"""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     import customdiff.train as tr
+    from customdiff.errors import UserError
 
     cfg = _cfg(tiny_base, tmp_path / "d.safetensors", steps=6)
     w = torch.nn.Parameter(torch.ones(3))
@@ -128,6 +133,12 @@ def test_a_checkpoint_keeps_the_fp16_loss_scale(tiny_base, tmp_path):
     fresh = torch.amp.GradScaler("cpu", init_scale=1024.0)
     assert tr._load_checkpoint(tmp_path / "ck", cfg, {"w": w}, opt, fresh) == 3
     assert fresh.get_scale() == 128.0
+    file = tmp_path / "ck" / "latest.safetensors"
+    with safe_open(str(file), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(file), {**meta, "scaler": '{"scale": 128.0}'})  # a field missing
+    with pytest.raises(UserError, match="loss-scaler state is damaged"):
+        tr._load_checkpoint(tmp_path / "ck", cfg, {"w": w}, opt, torch.amp.GradScaler("cpu"))
     tr._save_checkpoint(tmp_path / "ck", 3, cfg, {"w": w}, opt, "")  # bf16 or float32: no scaler
     fresh = torch.amp.GradScaler("cpu", init_scale=1024.0)
     tr._load_checkpoint(tmp_path / "ck", cfg, {"w": w}, opt, fresh)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
@@ -256,22 +257,64 @@ def test_a_failed_capture_resets_the_gpu_random_generators(tiny_base, monkeypatc
     assert [g.state for g in gens] == ["fresh", "fresh"]
 
 
-def test_the_capture_holds_the_lock_that_other_gpu_work_waits_for(tiny_base):
-    from customdiff.graphs import CAPTURE_LOCK
+def test_the_capture_holds_the_gpu_gate_alone(tiny_base):
+    from customdiff.graphs import GPU_GATE
 
     unet, params, width = _tiny_unet(tiny_base)
     fake = FakeCapture()
-    held: list[bool] = []
+    held: list[tuple[int, bool, int]] = []
 
     def capture(fn, args):
-        held.append(CAPTURE_LOCK.locked())
+        held.append(GPU_GATE.state())
         return fake(fn, args)
 
     graphed = GraphedUNet(unet, params, capture=capture)
     x = (torch.randn(1, 4, unet.config.sample_size, unet.config.sample_size), torch.tensor([10]),
          torch.randn(1, 7, width))
     graphed(*x)
-    assert held == [True] and not CAPTURE_LOCK.locked() and fake.forwards == 1
+    assert held == [(0, True, 0)] and GPU_GATE.state() == (0, False, 0) and fake.forwards == 1
+
+
+def test_the_gpu_gate_lets_shared_work_overlap_and_a_capture_wait_for_it():
+    """Shared holders (the web app's tasks, pinning) run together; a capture waits for them and holds the gate
+    alone; shared work that arrives while a capture waits goes after it (no waiting on timing: what the gate
+    forbids cannot have happened)."""
+    import threading
+
+    from customdiff.graphs import GpuGate
+
+    gate = GpuGate()
+    events: list[str] = []
+    release = threading.Event()
+
+    def holder() -> None:  # a second shared holder beside the main thread's
+        with gate.shared():
+            events.append("shared")
+            release.wait(5)
+
+    def capture() -> None:
+        with gate.exclusive():
+            events.append("capture")
+
+    def late() -> None:
+        with gate.shared():
+            events.append("late")
+
+    threads = [threading.Thread(target=f) for f in (holder, capture, late)]
+    with gate.shared():
+        threads[0].start()
+        while gate.state() != (2, False, 0):  # both shared holders in at once
+            time.sleep(0.01)
+        threads[1].start()
+        while gate.state()[2] == 0:  # the capture waits for them
+            time.sleep(0.01)
+        threads[2].start()
+        time.sleep(0.2)
+        assert events == ["shared"]
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert events == ["shared", "capture", "late"] and gate.state() == (0, False, 0)
 
 
 def test_a_failed_capture_falls_back_to_the_eager_pass(tiny_base, caplog):
@@ -302,6 +345,7 @@ def test_real_cuda_graphs_train_the_eager_delta(tiny_base, concept_dirs, tmp_pat
         # the graphs were used: a capture that fails leaves a correct, eager delta (the twelfth session's change
         # failed every capture, and this test did not see it until it asked)
         assert ("captured the UNet" in caplog.text) == (mode == "on") and "failed" not in caplog.text
+        assert "differ from the captured ones" not in caplog.text  # every step replayed
     ref, got = deltas["off"], deltas["on"]
     # Not bit for bit: the GPU's backward kernels sum in an order that varies, and AdamW's first steps move a
     # weight by about lr * sign(gradient), so a near-zero gradient can step the other way. On an H200 (eighth

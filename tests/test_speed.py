@@ -71,13 +71,13 @@ def test_prefetch_stops_cleanly_and_passes_errors_on(concept_dirs):
 
 def test_prefetch_pins_only_while_no_cuda_graph_is_being_captured(monkeypatch):
     """Pinning allocates through CUDA, which a capture on the training thread forbids; the background thread
-    pins under graphs.CAPTURE_LOCK (pinning itself needs a GPU, so here it only records the lock)."""
-    from customdiff.graphs import CAPTURE_LOCK
+    pins holding graphs.GPU_GATE shared (pinning itself needs a GPU, so here it only records the gate)."""
+    from customdiff.graphs import GPU_GATE
 
     held: list[bool] = []
 
     def pin(self: torch.Tensor) -> torch.Tensor:
-        held.append(CAPTURE_LOCK.locked())
+        held.append(GPU_GATE.state()[0] == 1)
         return self
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin)

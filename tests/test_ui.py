@@ -50,30 +50,33 @@ def test_a_work_folder_whose_subfolder_cannot_be_written_is_refused_at_start(tmp
 
 
 def test_gpu_tasks_wait_while_a_training_run_captures_its_cuda_graphs(tiny_base, tmp_path):
-    """A capture forbids other GPU work in the process (another thread's random draw or allocation fails), so on
-    a GPU the web app's tasks and its check of an uploaded delta hold graphs.CAPTURE_LOCK, which the capture
-    holds; on the CPU they take no lock."""
+    """A capture forbids other threads' unsafe GPU calls and default-generator draws, so on a GPU the web app's
+    tasks and its check of an uploaded delta hold graphs.GPU_GATE shared, which the capture holds alone; on the
+    CPU they take no gate."""
     import threading
 
-    from customdiff.graphs import CAPTURE_LOCK
+    from customdiff.graphs import GPU_GATE
     from customdiff.ui.tasks import Tasks
 
     tasks = Tasks(Workdir(tmp_path / "wd"), tiny_base, "cpu")
     try:
         for device, waits in (("cuda", True), ("cpu", False)):
-            tasks.device = device  # only whether a task takes the lock depends on it here
-            ran = threading.Event()
-            checked = threading.Event()
+            tasks.device = device  # only whether a task takes the gate depends on it here
+            ran, checked = threading.Event(), threading.Event()
 
             def upload(checked=checked) -> None:  # the request thread's check of an uploaded delta
                 with pytest.raises(UserError, match="not-a-delta"):
                     tasks.check_upload(tmp_path / "not-a-delta.safetensors", "not-a-delta")
                 checked.set()
 
-            with CAPTURE_LOCK:  # as a training run's capture holds it
+            with GPU_GATE.exclusive():  # as a training run's capture holds it
                 task = tasks.submit("sample", lambda ran=ran: ran.set() or {})
                 threading.Thread(target=upload).start()
-                assert ran.wait(0.5) != waits and checked.wait(0.1) != waits
+                if waits:
+                    time.sleep(0.3)
+                    assert not ran.is_set() and not checked.is_set()
+                else:
+                    assert ran.wait(5) and checked.wait(5)
             assert ran.wait(5) and checked.wait(5)
             while tasks.get(task)["state"] != "done":
                 time.sleep(0.01)

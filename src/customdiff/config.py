@@ -111,7 +111,8 @@ class TrainConfig:
     cuda_graphs: str = opt("auto", "replay the UNet's forward and backward pass as CUDA graphs instead of thousands "
                            "of separate kernel launches (captured on the first step; same values): auto (on a CUDA "
                            "GPU with one process, without --compile or --gradient-accumulation; with "
-                           "--gradient-checkpointing too), on (the same, but warns where it cannot apply) or off",
+                           "--gradient-checkpointing too, unless the UNet has dropout), on (the same, but "
+                           "warns where it cannot apply) or off",
                            choices=["auto", "on", "off"], resume=False, result=False)
     num_class_images: int = opt(200, "regularization images to generate per concept when it has no --reg-dir "
                                       "(0 = train without regularization)", lo=0, hi=100_000)

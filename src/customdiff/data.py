@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import UserError
-from .graphs import CAPTURE_LOCK
+from .graphs import GPU_GATE
 from .images import open_image
 from .tokens import find_tokens
 from .validate import (
@@ -455,8 +455,10 @@ def prefetch(make: Callable[[int], T], keys: Iterable[int], depth: int = 2,
     def job(key: int) -> T:
         out = make(key)
         if pin and isinstance(out, dict):
-            with CAPTURE_LOCK:  # pinning allocates through CUDA, which a capture on the training thread forbids
-                out = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in out.items()}  # type: ignore[assignment]
+            # pinning allocates through CUDA, which a capture on the training thread forbids
+            with GPU_GATE.shared():
+                out = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v  # type: ignore[assignment]
+                       for k, v in out.items()}
         return out
 
     if depth <= 0:

@@ -139,12 +139,17 @@ def check_folders(entries: Sequence[EvalEntry], max_real: int) -> None:
                     raise UserError(f"entry {e.name}: {key} {folder} is not a folder")
                 if not os.access(folder, os.R_OK | os.X_OK):
                     raise unreadable(folder, f"entry {e.name}: {key}")
-                read = list_images(folder, True) if key == "instance_data_dir" else class_images(folder, max_real)
-                for p in read:
-                    if not p.is_file():
-                        raise UserError(f"entry {e.name}: {key} {folder} lists {p}, which does not exist; fix "
-                                        "its images.txt")
-                    if not os.access(p, os.R_OK):
-                        raise unreadable(p, f"entry {e.name}: {key}")
+                try:
+                    photos = key == "instance_data_dir"
+                    read = list_images(folder, True) if photos else class_images(folder, max_real)
+                    for p in read:
+                        if not p.is_file():
+                            listing = folder / "images.txt"
+                            raise UserError(f"entry {e.name}: {key} {p}: no such image (a broken link, or a "
+                                            f"line of {listing} naming a missing file); remove or fix it")
+                        if not os.access(p, os.R_OK):
+                            raise unreadable(p, f"entry {e.name}: {key}")
+                except PermissionError as denied:  # images/, images.txt, or the folder of a listed file
+                    raise unreadable(denied.filename or folder, f"entry {e.name}: {key}") from None
 
 

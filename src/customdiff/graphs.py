@@ -7,18 +7,67 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-# Held while the UNet is captured. A capture forbids other GPU work in the process: in torch's global capture
-# mode another thread's allocation or host sync fails and voids the capture, and the default CUDA generators are
-# marked as capturing, so another thread's random draw with them raises. Code that uses the GPU beside a
-# training run in the same process (the web app's sample and merge tasks) holds it while it does.
-CAPTURE_LOCK = threading.Lock()
+class GpuGate:
+    """Other GPU work in the process (shared, by any number of threads) against a graph capture (exclusive).
+
+    During a capture, torch's global capture mode makes another thread's unsafe CUDA calls (allocation, host
+    sync, event queries) fail and void the capture, and another thread's random draw with the default CUDA
+    generators raises (they are marked as capturing). So the capture waits for shared holders to finish and
+    holds the gate alone; work that arrives meanwhile waits for it, including shared work that arrives while a
+    capture waits (the capture is not starved by a stream of short holders). Shared holds may not nest.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0  # captures waiting for the shared holders to finish
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        """Hold the gate beside other shared holders, not during a capture."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the gate alone (a capture)."""
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+    def state(self) -> tuple[int, bool, int]:
+        """(shared holders, whether a capture holds it, captures waiting)."""
+        with self._cond:
+            return self._shared, self._exclusive, self._waiting
+
+
+# held exclusively while the UNet is captured; on a GPU, the web app's tasks, its check of an uploaded delta and
+# the prefetch thread's pinning hold it shared
+GPU_GATE = GpuGate()
 
 # (callable, sample args) -> the graphed callable; torch.cuda.make_graphed_callables, or a stand-in in tests
 Capture = Callable[[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]], Callable[..., torch.Tensor]]
@@ -108,7 +157,7 @@ class GraphedUNet:
         # they fail the capture: its backward pass then waits on a stream outside it (fifteenth session, on a
         # GPU). The replayed runs reach 8.2 steps/s with the warning (docs/performance.md)
         t0 = time.perf_counter()
-        with CAPTURE_LOCK:
+        with GPU_GATE.exclusive():
             try:
                 with torch.autocast(device, dtype=torch.get_autocast_dtype(device),
                                     enabled=torch.is_autocast_enabled(device), cache_enabled=False):

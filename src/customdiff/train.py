@@ -257,7 +257,8 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, params: dict[str, torch.nn.Pa
         try:
             scaler.load_state_dict(json.loads(meta["scaler"]))
         except (ValueError, TypeError, KeyError, RuntimeError) as e:
-            raise UserError(f"{file}: its fp16 loss-scaler state is damaged ({e}); delete {path} to start over") from e
+            raise UserError(f"{file}: its fp16 loss-scaler state is damaged ({e}); delete {path} to start "
+                            "over") from e
     return int(meta["step"])
 
 
@@ -281,7 +282,7 @@ def _reg_sources(cfg: TrainConfig, specs: list[ConceptSpec], pipe: Any, is_main:
 
 def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pipe: Any = None,
           callback: StepCallback | None = None, timings: dict[str, float] | None = None,
-          pipe_owned: bool = False, interrupt: StopRequest | None = None) -> Path:
+          pipe_owned: bool = False, interrupt: StopRequest | None = None, device: str | None = None) -> Path:
     """Fine-tune cross-attention (and new token rows) on the concepts; write the delta to cfg.out.
 
     `pipe` may be an already loaded float32 base pipeline (it is modified in place: trained weights, new tokens).
@@ -292,6 +293,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     when `interrupt.requested` is set before the last step.
     `timings`, when given, receives the loop's clock readings (see _Clock: first step, steady rate, data wait)
     and vae_images, the images the VAE encoded (those the cache held are not counted).
+    `device` ("cpu", "cuda", "cuda:1"; one process) is where to train; by default the GPU when there is one,
+    where a pipeline passed in is moved.
     """
     from accelerate import Accelerator
 
@@ -312,9 +315,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
         return out
     if cfg.resume:
         check_out_file("--out", cfg.out, ".safetensors")  # what _check_config let pass for a finished run
-    # without a GPU, accelerate only forms a multi-process (gloo) group when told it runs on the CPU. A pipeline
-    # passed in trains on its own device (the web app's --device): accelerate would move it to the first GPU
-    where = pipe.device if pipe is not None else None
+    # without a GPU, accelerate only forms a multi-process (gloo) group when told it runs on the CPU
+    where = torch.device(device) if device else None
     on_cpu = (where.type == "cpu" if where is not None
               else not torch.cuda.is_available() and not torch.backends.mps.is_available())
     if where is not None and where.type == "cuda" and where.index is not None:
@@ -461,8 +463,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
             stop = stop or bool(interrupt is not None and interrupt.requested and step + 1 < cfg.steps)
             if stop or checkpoint:
                 if is_main:
-                    _save_checkpoint(ckpt, step + 1, cfg, params, getattr(optimizer, "optimizer", optimizer), photos,
-                                     accelerator.scaler)
+                    _save_checkpoint(ckpt, step + 1, cfg, params, getattr(optimizer, "optimizer", optimizer),
+                                     photos, accelerator.scaler)
                 accelerator.wait_for_everyone()
             if stop:
                 bar.close()

@@ -105,7 +105,9 @@ def create_app(wd: Workdir, trainer: Trainer, tasks: Tasks, base: str, loopback:
         yield
         import asyncio
 
-        # a running job checkpoints at its next step; waiting for it must not block the event loop
+        # a running sample stops first: a job's capture may be waiting for it. A running job checkpoints at its
+        # next step; waiting for it must not block the event loop
+        tasks.cancel.set()
         await asyncio.to_thread(trainer.shutdown)
         await asyncio.to_thread(tasks.shutdown)
 

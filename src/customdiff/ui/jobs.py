@@ -278,7 +278,8 @@ class Trainer:
 
         job.losses = [x for x in job.losses if x[0] <= _checkpoint_step(ckpt)] if cfg.resume else []
         # the job's own pipeline: its frozen weights may be stored in the mixed-precision dtype
-        written = train(cfg, [spec], progress=False, pipe=pipe, callback=on_step, pipe_owned=True)
+        written = train(cfg, [spec], progress=False, pipe=pipe, callback=on_step, pipe_owned=True,
+                            device=self.device)
         with self.lock:
             job.phase = "adding the delta to the library"
         dest = self.wd.unique(self.wd.deltas, job.name, ".safetensors")

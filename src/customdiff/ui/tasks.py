@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..graphs import CAPTURE_LOCK
+from ..graphs import GPU_GATE
 from ..sample import SamplingCancelled
 from .jobs import _page_message
 from .workdir import Workdir, entry, safe_name
@@ -66,12 +66,11 @@ class Tasks:
         return task_id
 
     def gpu(self) -> AbstractContextManager:
-        """Held around work on the base pipeline: on a GPU, not while a training job captures its CUDA graphs
-        (graphs.CAPTURE_LOCK says why)."""
-        return CAPTURE_LOCK if self.device.startswith("cuda") else nullcontext()
+        """Around work on the base pipeline: on a GPU, never during a job's capture (graphs.GpuGate)."""
+        return GPU_GATE.shared() if self.device.startswith("cuda") else nullcontext()
 
     def check_upload(self, path: Path, shown: str) -> Any:
-        """check_file for an uploaded delta, outside the task thread."""
+        """check_file for an uploaded delta, from a request thread (tasks hold the gate already)."""
         with self.gpu():
             return self.check_file(path, shown)
 
