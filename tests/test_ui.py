@@ -74,7 +74,7 @@ def test_gpu_tasks_wait_while_a_training_run_captures_its_cuda_graphs(tiny_base,
                 threading.Thread(target=upload).start()
                 if waits:
                     time.sleep(0.3)
-                    assert not ran.is_set() and not checked.is_set()
+                    assert not ran.is_set() and not checked.is_set() and tasks.get(task)["state"] == "queued"
                 else:
                     assert ran.wait(5) and checked.wait(5)
             assert ran.wait(5) and checked.wait(5)

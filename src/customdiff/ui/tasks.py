@@ -47,9 +47,10 @@ class Tasks:
             self.tasks[task_id] = {"id": task_id, "kind": kind, "state": "queued", "result": None, "error": ""}
 
         def run() -> None:
-            self.tasks[task_id]["state"] = "running"
             try:
-                with self.gpu():
+                with self.gpu():  # queued, not running, while a job's capture holds the GPU
+                    with self.lock:
+                        self.tasks[task_id]["state"] = "running"
                     result = fn()
                 with self.lock:
                     self.tasks[task_id].update(state="done", result=result)
