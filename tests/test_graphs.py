@@ -376,6 +376,44 @@ def test_a_failed_real_capture_leaves_random_draws_on_the_gpu_working(tiny_base)
     assert torch.rand(4, device="cuda").shape == (4,)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_gpu_work_in_another_thread_under_the_gate_leaves_a_real_capture_whole(tiny_base, caplog):
+    """A thread drawing random numbers and allocating on the GPU all along, each time under GPU_GATE.shared() as
+    the web app's tasks do, while the UNet is captured: no draw fails and the capture holds."""
+    import threading
+
+    from customdiff.graphs import GPU_GATE
+
+    unet, params, width = _tiny_unet(tiny_base)
+    unet.cuda()
+    stop, errors, draws = threading.Event(), [], [0]
+
+    def beside() -> None:
+        while not stop.is_set():
+            try:
+                with GPU_GATE.shared():
+                    torch.rand(64, 64, device="cuda").sum().item()
+                    draws[0] += 1
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+                return
+
+    graphed = GraphedUNet(unet, params)
+    size = unet.config.sample_size
+    x = (torch.randn(2, 4, size, size, device="cuda"), torch.tensor([10, 20], device="cuda"),
+         torch.randn(2, 7, width, device="cuda"))
+    thread = threading.Thread(target=beside)
+    thread.start()
+    try:
+        with caplog.at_level(logging.INFO, "customdiff.graphs"):
+            graphed(*x).square().mean().backward()
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not errors and draws[0] > 0
+    assert "captured the UNet" in caplog.text and not graphed.failed
+
+
 def test_sdxl_steps_all_replay_under_autocast_with_the_cache(tiny_xl_base, concept_dirs, tmp_path, monkeypatch):
     """SDXL's UNet takes the pooled text projection and time ids too. With bf16 autocast and the text cache
     (the regularization captions' features read back from it from the second step on), every step's inputs must
