@@ -15,6 +15,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+
 class GpuGate:
     """Other GPU work in the process (shared, by any number of threads) against a graph capture (exclusive).
 
