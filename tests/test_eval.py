@@ -295,19 +295,25 @@ def test_an_unreadable_class_folder_is_refused_before_sampling(concept_dirs, tmp
 
 def test_an_unreadable_or_missing_class_image_is_refused_before_sampling(concept_dirs, tmp_path, monkeypatch):
     """Before, such an image was found while scoring, after every prompt was sampled."""
-    import os
+    import builtins
 
+    import customdiff.validate
     from customdiff.dataset import check_folders, class_images, read_dataset
 
     entries = read_dataset(_dataset(tmp_path / "ds", concept_dirs))
     folder = entries[0].concepts[0].class_dir
     first = class_images(folder, 200)[0]
-    real = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != first and real(p, mode))
+
+    def guarded_open(file, *args, **kwargs):  # root reads every file: the OS's refusal is simulated
+        if Path(file) == first:
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(customdiff.validate, "open", guarded_open, raising=False)
     with pytest.raises(UserError, match=f"class_data_dir {first}: permission denied"):
         check_folders(entries, 200)
     check_folders(entries, 0)  # only the first max_real images are read
-    monkeypatch.setattr(os, "access", real)
+    monkeypatch.undo()
     listed = tmp_path / "listed"
     listed.mkdir()
     (listed / "images.txt").write_text(f"{first}\n{folder / 'gone.png'}\n")

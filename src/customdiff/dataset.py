@@ -13,7 +13,7 @@ from .data import list_images, read_json_list
 from .errors import UserError
 from .sample import read_prompts
 from .tokens import TOKEN_RE
-from .validate import unreadable
+from .validate import check_readable, unreadable
 
 
 @dataclass
@@ -147,8 +147,7 @@ def check_folders(entries: Sequence[EvalEntry], max_real: int) -> None:
                             listing = folder / "images.txt"
                             raise UserError(f"entry {e.name}: {key} {p}: no such image (a broken link, or a "
                                             f"line of {listing} naming a missing file); remove or fix it")
-                        if not os.access(p, os.R_OK):
-                            raise unreadable(p, f"entry {e.name}: {key}")
+                        check_readable(p, f"entry {e.name}: {key}")
                 except PermissionError as denied:  # images/, images.txt, or the folder of a listed file
                     raise unreadable(denied.filename or folder, f"entry {e.name}: {key}") from None
 
