@@ -134,14 +134,9 @@ def _check_config(cfg: TrainConfig, specs: list[ConceptSpec],
         if facts is not None:
             check_multiple("--resolution", cfg.resolution, facts.factor, " (the VAE's factor)")
             check_number("--class-image-steps", cfg.class_image_steps, 1, facts.max_sampling_steps, why=STEPS_WHY)
-        try:
-            out = check_out_file("--out", cfg.out, ".safetensors")
-        except UserError:
-            # a --resume of a finished run writes nothing (a read-only delta stays as it is): train() checks
-            # again once it knows whether this run made it
-            if not (cfg.resume and Path(cfg.out).is_file()):
-                raise
-            out = Path(cfg.out)
+        out = Path(cfg.out)
+        if not _resumes_onto(cfg):  # that output is checked once the run knows it has something to write
+            check_out_file("--out", out, ".safetensors")
         ckpt = checkpoint_dir(out)
         if ckpt.exists() and not ckpt.is_dir():
             raise UserError(f"--out {cfg.out}: {ckpt} (its checkpoint folder) is a file; remove or rename it")
@@ -186,6 +181,11 @@ def _run_digest(cfg: TrainConfig, specs: list[ConceptSpec], photos: str) -> str:
             files += [(str(f), st.st_size, st.st_mtime_ns) for f, st in stats]
     text = json.dumps([kept, [asdict(s) for s in specs], photos, files], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _resumes_onto(cfg: TrainConfig) -> bool:
+    """Whether the run resumes onto an existing output, which may be its own finished (even read-only) delta."""
+    return cfg.resume and Path(cfg.out).is_file()
 
 
 def _made_by(out: Path, run: str) -> bool:
@@ -313,8 +313,8 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
         warn(f"--resume: {out} is already the finished delta of this run (same settings and photos); nothing to "
              "do. Leave out --resume to train it again")
         return out
-    if cfg.resume:
-        check_out_file("--out", cfg.out, ".safetensors")  # what _check_config let pass for a finished run
+    if _resumes_onto(cfg):
+        check_out_file("--out", out, ".safetensors")
     # without a GPU, accelerate only forms a multi-process (gloo) group when told it runs on the CPU
     where = torch.device(device) if device else None
     on_cpu = (where.type == "cpu" if where is not None
