@@ -178,3 +178,19 @@ def test_a_read_only_index_is_left_as_it_is(tmp_path, tiny_clip, monkeypatch):
     names, _ = build_index(corpus, ClipFeatures(tiny_clip))
     assert "extra.png" in names and index.read_bytes() == before
     assert said and "(the file is read-only); embeddings will be recomputed next time" in said[-1], said
+
+
+def test_a_broken_link_in_the_corpus_is_left_out_with_a_warning(tmp_path, tiny_clip, monkeypatch):
+    """A captioned image whose link points nowhere is skipped and named once, and the rest is still retrieved."""
+    import customdiff.retrieve
+
+    corpus = _corpus(tmp_path / "corpus", 6)
+    (corpus / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (corpus / "gone.txt").write_text("a cat that is not there\n")
+    said: list[str] = []
+    monkeypatch.setattr(customdiff.retrieve, "warn", said.append)
+    names = [n for n, _, _ in scan_corpus(corpus)]
+    assert "gone.png" not in names and len(names) == 6
+    assert len(said) == 1 and "skipped 1 images whose files are gone" in said[0] and "gone.png" in said[0], said
+    items = retrieve(corpus, PROMPT, 3, tmp_path / "reg", ClipFeatures(tiny_clip))
+    assert len(items) == 3 and all(x["source"] != "gone.png" for x in items)

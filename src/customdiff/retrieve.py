@@ -40,11 +40,8 @@ def scan_corpus(corpus: Path) -> list[tuple[str, int, int]]:
     """(relative name, mtime_ns, size) of every image with a same-stem .txt caption, recursively, sorted."""
     if not corpus.is_dir():
         raise UserError(f"--corpus {corpus}: no such folder")
-    found, uncaptioned = [], 0
-    def unreadable(e: OSError) -> None:
-        warn(f"--corpus: {e.filename}: {e.strerror}; its images are left out")
-
-    for root, dirs, files in os.walk(corpus, onerror=unreadable):
+    found, uncaptioned, missing = [], 0, []
+    for root, dirs, files in os.walk(corpus, onerror=_warn_unlisted_folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         names = set(files)
         for f in sorted(files):
@@ -54,11 +51,22 @@ def scan_corpus(corpus: Path) -> list[tuple[str, int, int]]:
             if p.stem + ".txt" not in names:
                 uncaptioned += 1
                 continue
-            st = p.stat()
+            try:
+                st = p.stat()
+            except OSError:  # a broken link, or a file removed while the walk ran
+                missing.append(p)
+                continue
             found.append((p.relative_to(corpus).as_posix(), st.st_mtime_ns, st.st_size))
     if uncaptioned:
         warn(f"{corpus}: skipped {uncaptioned} images without a same-stem .txt caption")
+    if missing:
+        warn(f"{corpus}: skipped {len(missing)} images whose files are gone (broken links?), e.g. {missing[0]}")
     return sorted(found)
+
+
+def _warn_unlisted_folder(e: OSError) -> None:
+    """os.walk's error hook: a folder that cannot be listed is left out with a warning, not an error."""
+    warn(f"--corpus: {e.filename}: {e.strerror}; its images are left out")
 
 
 def _load_index(path: Path, fingerprint: str) -> dict[tuple[str, int, int], Tensor]:
