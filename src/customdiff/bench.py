@@ -40,7 +40,7 @@ class BenchConfig:
     pairs: int = 3
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     methods: list[str] = field(default_factory=lambda: list(SINGLE_METHODS))
-    steps: int = 0  # 0 = each recipe's own
+    steps: int | None = None  # None: each recipe's own
     n: int = 2  # images per prompt
     prompts: int = 0  # 0 = all prompts of each entry
     n_class: int = 24  # class-prompt samples (class leakage, KID)
@@ -60,8 +60,7 @@ class BenchConfig:
             raise UserError(f"--concepts {' '.join(unknown)}: not a toy concept; choose from {', '.join(names)}")
         available = len(read_dataset(root / "dataset_multiconcept.json"))
         check_number("--pairs", self.pairs, 0, available, why=f" (the toy world has {available} concept pairs)")
-        if self.steps:  # 0: each recipe's own
-            check_number("--steps", self.steps, 1, 100_000)
+        check_number("--steps", self.steps, 1, 100_000)  # None passes: each recipe's own
         for seed in self.seeds:
             check_number("--seeds", seed, 0, SEED_MAX)
 

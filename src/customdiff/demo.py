@@ -30,13 +30,22 @@ class DemoConfig:
 
     out: str = "out/demo"
     concept: str = "dotted_heart"  # learned best with striped_circle, and judged right at night (docs/benchmarks.md)
-    steps: int = 0  # 0 = the Custom Diffusion recipe's
+    steps: int | None = None  # None: the Custom Diffusion recipe's
     prompts: int = 0  # 0 = all held-out prompts of the concept
     n: int = 4  # images per prompt
     n_class: int = 32  # class-prompt samples (class leakage, KID)
     sample_steps: int = 25
     guidance: float = 5.0
     seed: int = 0
+
+    def validate(self, names: list[str]) -> None:
+        """The concept (one of the toy world's `names`), steps and seed, before any slow work."""
+        from .validate import SEED_MAX, check_number
+
+        if self.concept not in names:
+            raise UserError(f"--concept {self.concept!r} is not a toy concept; choose one of {', '.join(names)}")
+        check_number("--steps", self.steps, 1, 100_000)  # None passes: the recipe's own
+        check_number("--seed", self.seed, 0, SEED_MAX)
 
 
 def _cells(folder: str, labels: list[str], start: int, n: int) -> str:
@@ -115,8 +124,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> Path:
     toy = paths()
     concepts_dir = Path(toy["concepts"])
     names = json.loads((concepts_dir / "concepts.json").read_text())
-    if cfg.concept not in names:
-        raise UserError(f"--concept {cfg.concept!r} is not a toy concept; choose one of {', '.join(names)}")
+    cfg.validate(names)
     entry = read_dataset(concepts_dir / "dataset.json", [cfg.concept])[0]
     if cfg.prompts:
         entry.prompts = entry.prompts[:cfg.prompts]
@@ -142,7 +150,7 @@ def _run(cfg: DemoConfig, entry: Any, names: dict, out: Path, t0: float, progres
 
     toy = paths()
     recipe = RECIPES[DEMO_RECIPE]
-    steps = cfg.steps or recipe.steps
+    steps = cfg.steps or recipe.steps  # validated: None or >= 1
     delta_path = out / "concept.safetensors"
     t1 = time.perf_counter()
     train(TrainConfig(**recipe.train_kwargs(out=str(delta_path), steps=steps, seed=cfg.seed)),
