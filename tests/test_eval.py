@@ -162,7 +162,7 @@ def test_eval_end_to_end(tiny_base, tiny_clip, concept_dirs, two_token_delta, tm
     out = tmp_path / "eval"
     args = ["-q", "eval", "--base", tiny_base, "--dataset", str(dataset), "--delta", two_token_delta,
             "--clip", tiny_clip, "--out", str(out), "--n", "2", "--steps", "2", "--n-class", "6",
-            "--kid-subsets", "10", "--device", "cpu"]
+            "--kid-subsets", "10", "--device", "cpu", "--class-template", "photo of a {}"]
     assert main(args) == 0
     result = json.loads((out / "metrics.json").read_text())
     assert set(result) == {"entries", "mean", "settings"}
@@ -170,7 +170,7 @@ def test_eval_end_to_end(tiny_base, tiny_clip, concept_dirs, two_token_delta, tm
     single, pair = result["entries"]
     assert (single["prompts"], single["images"], pair["images"]) == (2, 4, 2)
     assert set(pair["image_alignment_per_concept"]) == {"<new1> cat", "<new2> dog"}
-    assert {k["class_prompt"] for k in pair["kid_per_concept"].values()} == {"cat", "dog"}
+    assert {k["class_prompt"] for k in pair["kid_per_concept"].values()} == {"photo of a cat", "photo of a dog"}
     for r in result["entries"]:
         for k in ("text_alignment", "clipscore", "image_alignment", "kid_x1000", "kid_x1000_std"):
             assert math.isfinite(r[k]), (r["name"], k)
@@ -179,11 +179,12 @@ def test_eval_end_to_end(tiny_base, tiny_clip, concept_dirs, two_token_delta, tm
     assert "| 00_a | 2 | 4 |" in (out / "metrics.md").read_text()
     index = json.loads((out / "images" / "prompts" / "00_a" / "prompts.json").read_text())
     assert [x["prompt"] for x in index] == ["photo of a <new1> cat"] * 2 + ["<new1> cat on grass"] * 2
-    assert len(list((out / "images" / "class" / "dog").glob("0*.png"))) == 6
+    assert len(list((out / "images" / "class" / "photo_of_a_dog").glob("0*.png"))) == 6
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
     assert capsys.readouterr().out.strip() == str(out / "metrics.json")
 
-    # scoring the written images again (no sampling) gives the same numbers
+    # scoring the written images again (no sampling) gives the same numbers; the class images are found under
+    # the template that made them, which this command need not repeat
     again = tmp_path / "again"
     assert main(["-q", "eval", "--base", tiny_base, "--dataset", str(dataset), "--clip", tiny_clip,
                  "--images", str(out / "images"), "--out", str(again), "--kid-subsets", "10",
@@ -197,6 +198,15 @@ def test_eval_end_to_end(tiny_base, tiny_clip, concept_dirs, two_token_delta, tm
     assert {k: scored[k] for k in ("n", "n_class", "steps", "deltas")} == {k: made[k] for k in ("n", "n_class",
                                                                                                 "steps", "deltas")}
     assert scored["n"] != EvalConfig().n and scored["deltas"] and scored["kid_subsets"] == 10
+    assert scored["class_template"] == "photo of a {}"
+    capsys.readouterr()
+    # another template given explicitly names folders that are not there: the images' own is used, with a warning
+    assert main(["-q", "eval", "--base", tiny_base, "--dataset", str(dataset), "--clip", tiny_clip,
+                 "--images", str(out / "images"), "--out", str(tmp_path / "third"), "--kid-subsets", "10",
+                 "--device", "cpu", "--class-template", "a {}"]) == 0
+    assert "--class-template 'a {}' ignored" in capsys.readouterr().err
+    third = json.loads((tmp_path / "third" / "metrics.json").read_text())
+    assert [r["kid_x1000"] for r in third["entries"]] == [r["kid_x1000"] for r in rescored["entries"]]
 
 
 def test_eval_library_matches_direct_metrics(tiny_base, tiny_clip, concept_dirs, two_token_delta, tmp_path):

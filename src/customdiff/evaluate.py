@@ -30,6 +30,7 @@ from .metrics import image_alignment, kid, text_alignment
 from .outputs import IMAGES_DIR, METRICS_FILE, check_out, read_image_folder, staged, write_image_folder
 from .sample import ChunkedSampler
 from .tokens import find_tokens, undefined_tokens
+from .validate import warn
 
 log = logging.getLogger(__name__)
 __all__ = ["evaluate", "read_dataset", "run_eval"]
@@ -201,6 +202,18 @@ def made_by(images: Path) -> dict[str, Any]:
     return {k: made.get(k) for k in _MAKING}
 
 
+def _class_template_of(images: Path, given: str) -> str:
+    """With --images, the template that made its class images (the earlier run's metrics.json), which names
+    their folders; `given` (this command's --class-template) where that file does not say."""
+    made = made_by(images).get("class_template")
+    if not isinstance(made, str) or "{}" not in made or made == given:
+        return given
+    if given != EvalConfig.class_template:
+        warn(f"--class-template {given!r} ignored: the class images in {images} were made with {made!r} "
+             "(their metrics.json)")
+    return made
+
+
 def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Load everything, evaluate, and publish metrics.json, metrics.md and images/ into `cfg.out` atomically."""
     from .base import (
@@ -225,8 +238,10 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     out = check_out(cfg.out, "eval", METRICS_FILE, replaces=[IMAGES_DIR])
     entries = read_dataset(cfg.dataset, cfg.entries)
     check_folders(entries, cfg.max_real)
-    if cfg.images is not None and not Path(cfg.images).is_dir():
-        raise UserError(f"--images {cfg.images}: no such folder")
+    if cfg.images is not None:
+        if not Path(cfg.images).is_dir():
+            raise UserError(f"--images {cfg.images}: no such folder")
+        cfg = replace(cfg, class_template=_class_template_of(Path(cfg.images), cfg.class_template))
     loaded = [load_delta(p) for p in cfg.deltas]  # validate every file before the slow loads
     defined = {t for d in loaded for t in d.tokens}
     if cfg.images is None and not cfg.strip_tokens and any(undefined_tokens(e.prompts, defined) for e in entries):
