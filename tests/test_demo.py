@@ -22,8 +22,11 @@ def test_quick_demo_writes_report(tmp_path, capsys):
     from customdiff.delta import load_delta
 
     out = tmp_path / "demo"
-    assert main(["-q", "demo", "--quick", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out.strip()
+    assert main(["demo", "--quick", "--out", str(out)]) == 0  # not -q: its log is read
+    said = capsys.readouterr()
+    wrote = [line for line in said.err.splitlines() if line.startswith("wrote ")]
+    assert wrote == [f"wrote {out / 'concept.safetensors'}"]  # where it is now, not the staging folder's name
+    printed = said.out.strip()
     assert printed == str(out / "report.html")
     page = (out / "report.html").read_text()
     assert "&lt;new1&gt;" in page and "concept fidelity" in page

@@ -11,6 +11,7 @@ from PIL import Image
 from customdiff.errors import UserError
 from customdiff.outputs import (
     check_out,
+    final_path,
     read_image_folder,
     staged,
     write_image_folder,
@@ -31,6 +32,17 @@ def test_staged_folder_appears_whole_or_not_at_all(tmp_path):
     with staged(out) as s:
         (s / "a.txt").write_text("a")
     assert [p.name for p in out.iterdir()] == ["a.txt"]
+
+
+def test_final_path_names_where_a_staged_file_will_be(tmp_path):
+    """Logs inside a staged block name the published place, through nested blocks; outside one, paths pass."""
+    outer, inner = tmp_path / "bench", "deltas"
+    with staged(outer) as s:
+        with staged(s / inner) as t:
+            assert final_path(t / "a.safetensors") == outer / inner / "a.safetensors"
+            assert final_path(t) == outer / inner
+        assert final_path(s / "results.json") == outer / "results.json"
+    assert final_path(tmp_path / "x") == tmp_path / "x"
 
 
 def test_staged_replace_and_merge_modes(tmp_path):

@@ -8,6 +8,7 @@ in a staging folder beside its destination (same file system) and moved in at th
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import shutil
@@ -131,12 +132,28 @@ def staged(out: str | Path, replace: bool = False, last: str | None = METRICS_FI
     every case nothing of it is left behind."""
     out = Path(out)
     staging = staging_dir(out)
+    token = _publishing.set((*_publishing.get(), (staging, out)))
     try:
         yield staging
         publish(staging, out, replace=replace, last=last)
     finally:
+        _publishing.reset(token)
         if staging.exists():
             shutil.rmtree(staging)
+
+
+# (staging folder, destination) of every `staged` block the current code runs in, innermost last
+_publishing: contextvars.ContextVar[tuple[tuple[Path, Path], ...]] = contextvars.ContextVar("publishing", default=())
+
+
+def final_path(path: str | Path) -> Path:
+    """Where `path` will be once the staging folder it lies in is published (`path` itself outside one): the name
+    to show in logs, since a staging folder is gone by the time anyone reads them."""
+    path = Path(path)
+    for staging, out in reversed(_publishing.get()):  # an inner block's destination may lie in an outer's staging
+        if path == staging or staging in path.parents:
+            path = out / path.relative_to(staging)
+    return path
 
 
 # ---------------------------------------------------------------- image folders

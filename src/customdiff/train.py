@@ -38,7 +38,7 @@ from .delta import (
 from .errors import UserError
 from .graphs import GraphedUNet, graphs_unusable
 from .model import CustomDiffusion, vae_call_pixels
-from .outputs import make_dirs
+from .outputs import final_path, make_dirs
 from .precision import frozen_dtype, read_kept, restore_kept, store_pipeline_frozen
 from .surgery import detach_start_token, freeze_except, trainable_names
 from .tokens import TokenRows, add_tokens, default_initializers
@@ -513,7 +513,7 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
             pass
         except OSError as e:  # a later --resume would start from it
             warn(f"{ckpt}: the finished run's checkpoint could not be removed ({e.strerror}); delete it")
-        log.info("wrote %s", out)
+        log.info("wrote %s", final_path(out))
     accelerator.wait_for_everyone()
     return out
 
