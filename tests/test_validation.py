@@ -327,6 +327,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
      "exists and is a file"),
     ("bench-unknown-concept", lambda e: ["bench", "--concepts", "nope", "-o", str(e.tmp / "b")], 2,
      "--concepts nope: not a toy concept"),
+    ("unknown-flag-named-by-its-command", lambda e: [*_train(e), "--bogus"], 2,
+     "customdiff train: error: unrecognized arguments: --bogus"),
     ("demo-steps-zero", lambda e: ["demo", "--steps", "0", "-o", str(e.tmp / "d")], 2,
      "--steps 0: must be at least 1"),  # left out, the recipe's; 0 is not a way to say so
     ("bench-steps-negative", lambda e: ["bench", "--steps", "-1", "-o", str(e.tmp / "b")], 2,

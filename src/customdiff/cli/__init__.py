@@ -35,7 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(f"{__name__}.{name}").register(sub)
+    for command in sub.choices.values():  # an unknown flag is the command's to refuse, under its name
+        command.set_defaults(command_parser=command)
     return p
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line; an unrecognized argument is refused by its subcommand's parser
+    (`customdiff train: error: ...`), where argparse would report it as the top-level parser's."""
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -117,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `customdiff` command."""
     logging.disable(logging.NOTSET)  # an earlier failed call in this process silenced logging
     try:
-        args = build_parser().parse_args(argv)
+        args = parse(argv)
         _setup_logging(args.quiet)  # imports diffusers and transformers: seconds in which Ctrl-C may come
     except KeyboardInterrupt:
         return _fail(None, "interrupted", 130)
