@@ -9,8 +9,11 @@ fi
 stamp=.venv/.customdiff-setup
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  # torch first, from the pinned version: a bare "torch" requirement would pull a multi-GB CUDA build.
-  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
+  # torch first, the pinned CPU build: a bare "torch" requirement, or torch==2.13.0 from PyPI alone, pulls a
+  # multi-GB CUDA build. The CPU wheel where pip finds one (a local wheelhouse), else from PyTorch's CPU index.
+  if ! .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0+cpu" 2>/dev/null; then
+    .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+  fi
   .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,ui]"
   echo "$want" > "$stamp"
 fi
