@@ -8,6 +8,8 @@ let DELTAS = [];
 let selectedJob = null;
 let lastJobsJSON = "";
 let chosenPhotos = [];
+const QUEUED = "queued: training starts as soon as the worker is free";
+let queuedNotice = null;  // the job the QUEUED message is about, until it leaves the queue
 
 function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
@@ -111,7 +113,8 @@ async function teach(ev) {
   try {
     const r = await api("/api/jobs", { method: "POST", body: form });
     selectedJob = r.id;
-    showMessage("queued: training starts as soon as the worker is free", "info");
+    queuedNotice = r.id;
+    showMessage(QUEUED, "info");
     await pollJobs();
   } catch (e) {
     showMessage(e.message);
@@ -208,6 +211,11 @@ async function pollJobs() {
   lastJobsJSON = text;
   const id = shownJobId(snap);
   renderJob(snap.jobs.find((j) => j.id === id) || null);
+  const noticed = snap.jobs.find((j) => j.id === queuedNotice);
+  if (queuedNotice && (!noticed || noticed.state !== "queued")) {  // it started (or ended): the notice is stale
+    if (!$("message").hidden && $("message-text").textContent === QUEUED) clearMessage();
+    queuedNotice = null;
+  }
   renderJobList(snap);
   const done = snap.jobs.filter((j) => j.state === "done").map((j) => j.id);
   if (done.some((d) => !finished.has(d))) { finished = new Set(done); refreshLibrary(); }
