@@ -19,6 +19,7 @@ from customdiff.errors import UserError
 from customdiff.interop import (
     KOHYA_FILE,
     LORA_FILE,
+    MANIFEST,
     compvis_block_map,
     compvis_to_diffusers,
     diffusers_to_compvis,
@@ -255,6 +256,10 @@ class _Evil:
 def test_exportmain(delta_path, tiny_base, other_base, tmp_path):
     assert main(["export", delta_path, "--to", "diffusers-lora", "--base", tiny_base, "-o", str(tmp_path / "e")]) == 0
     assert (tmp_path / "e" / LORA_FILE).is_file() and (tmp_path / "e" / "new1.safetensors").is_file()
+    # an earlier export is replaced whole: nothing of it is left beside the new files
+    assert main(["export", delta_path, "--to", "kohya", "-o", str(tmp_path / "e")]) == 0
+    assert LORA_FILE not in {p.name for p in (tmp_path / "e").iterdir()}
+    assert json.loads((tmp_path / "e" / MANIFEST).read_text())["format"] == "kohya"
     assert main(["export", delta_path, "--to", "kohya", "--base", other_base, "-o", str(tmp_path / "k")]) == 2
     assert not (tmp_path / "k").exists()
     with pytest.raises(SystemExit):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -327,6 +328,12 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
      "exists and is a file"),
     ("bench-unknown-concept", lambda e: ["bench", "--concepts", "nope", "-o", str(e.tmp / "b")], 2,
      "--concepts nope: not a toy concept"),
+    ("export-into-a-folder-of-other-files",
+     lambda e: (e.tmp / "x").mkdir() or shutil.copy(e.delta, e.tmp / "x" / "new1.safetensors") and
+     ["export", str(e.tmp / "x" / "new1.safetensors"), "--to", "diffusers-lora", "-o", str(e.tmp / "x")], 2,
+     "holds files not from `customdiff export`"),
+    ("import-onto-its-input", lambda e: ["import", str(e.delta), "--base", e.base, "-o", str(e.delta)], 2,
+     "is one of the files to import; write the delta to a new file"),
     ("unknown-flag-named-by-its-command", lambda e: [*_train(e), "--bogus"], 2,
      "customdiff train: error: unrecognized arguments: --bogus"),
     ("demo-steps-zero", lambda e: ["demo", "--steps", "0", "-o", str(e.tmp / "d")], 2,

@@ -25,7 +25,7 @@ from torch import Tensor
 from .conditioning import SD_PIPELINE, XL_PIPELINE, is_xl, pipeline_name, sides
 from .delta import Delta, atomic_save, base_fingerprint, public_name
 from .errors import UserError
-from .outputs import staged
+from .outputs import check_out, staged
 from .validate import check_readable
 
 log = logging.getLogger(__name__)
@@ -105,10 +105,10 @@ def kohya_lora_state(delta: Delta, unet_config: Mapping[str, Any] | None = None)
 
 
 def _write_dir(files: Mapping[str, tuple[dict[str, Tensor], dict[str, str]]], manifest: dict, out: Path) -> None:
-    """Stage every file beside `out` and move them in at the end: no half-written export on failure."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"-o {out}: exists and is not a folder")
-    with staged(out, last=MANIFEST) as tmp:
+    """Stage every file beside `out` and move them in at the end: no half-written export on failure. `out` is
+    replaced whole, so it must be new, empty or an earlier export (the command checks that at its door too)."""
+    check_out(out, "export", MANIFEST, flag="-o")
+    with staged(out, replace=True, last=MANIFEST) as tmp:  # an earlier export's files go with it
         for fname, (tensors, meta) in files.items():
             atomic_save(tensors, meta, tmp / fname)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

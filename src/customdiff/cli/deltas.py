@@ -69,10 +69,15 @@ def _cmd_compress(a: argparse.Namespace) -> None:
 
 def _cmd_export(a: argparse.Namespace) -> None:
     from ..delta import check_base, load_delta
-    from ..interop import export_delta
+    from ..interop import MANIFEST, export_delta
+    from ..outputs import check_out
 
     with deferred_warnings():
         check_out_dir("-o", a.out, need_bytes=2 * _sizes([a.delta]))
+        out = check_out(a.out, "export", MANIFEST, flag="-o")  # replaced whole: no user files, no stale tokens
+        if out.resolve() in Path(a.delta).resolve().parents:
+            raise UserError(f"-o {a.out}: holds the input delta {a.delta}, which the export would replace; "
+                            "export to another folder")
         delta = load_delta(a.delta)
     unet_config = None
     if a.base:  # optional: confirm the delta belongs to this base before handing it to other tools
@@ -98,8 +103,10 @@ def _cmd_import(a: argparse.Namespace) -> None:
                               "output)")
             elif len(a.file) > 1:
                 raise UserError(f"FILE {f}: a folder; give the folder alone, or the files themselves")
-        out = _out_file(a.out, need_bytes=2 * _sizes([str(p) for f in a.file for p in
-                                                         (Path(f).iterdir() if Path(f).is_dir() else [Path(f)])]))
+        inputs = [p for f in a.file for p in (Path(f).iterdir() if Path(f).is_dir() else [Path(f)])]
+        out = _out_file(a.out, need_bytes=2 * _sizes([str(p) for p in inputs]))
+        if out.resolve() in {p.resolve() for p in inputs}:
+            raise UserError(f"-o {a.out}: is one of the files to import; write the delta to a new file")
         for w in a.class_word or []:
             if not w.strip() or len(w.split()) != 1:
                 raise UserError(f"--class-word {w!r}: give one word, such as cat")
