@@ -68,7 +68,12 @@ def check_timesteps(pipe: Any, steps: int) -> None:
     """Refuse a step count whose timesteps this scheduler places past its training range (DPM-Solver++ with
     "leading" spacing does at 999 steps on SD's config): diffusers would index past the noise schedule."""
     sched = pipe.scheduler
-    sched.set_timesteps(steps)  # what the pipeline does first anyway
+    try:
+        sched.set_timesteps(steps)  # what the pipeline does first anyway
+    except (ValueError, IndexError, RuntimeError) as e:  # PNDM's Runge-Kutta warm-up needs 4 steps (measured)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--steps {steps}: {type(sched).__name__} cannot schedule {steps} steps ({first}); use "
+                        "more --steps or another --scheduler") from e
     last, limit = int(sched.timesteps.max()), int(sched.config.num_train_timesteps)
     if last >= limit:
         raise UserError(f"--steps {steps}: {type(sched).__name__} places timestep {last} beyond its {limit} training "
