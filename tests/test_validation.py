@@ -245,6 +245,25 @@ def _one_photo(env: Env) -> str:
     return str(d)
 
 
+def _toy_clip() -> str:
+    from customdiff.toy import paths
+
+    return paths()["clip"]
+
+
+def _written(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _one_image(folder: str, to: Path) -> Path:
+    """A class folder holding a single image of `folder`."""
+    to.mkdir()
+    first = next(p for p in sorted(Path(folder).iterdir()) if p.suffix == ".png")
+    shutil.copy(first, to / first.name)
+    return to
+
+
 def _dataset(env: Env, entries: list) -> list[str]:
     f = env.tmp / "dataset.json"
     f.write_text(json.dumps(entries))
@@ -385,6 +404,13 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
     ("dataset-wrong-type", lambda e: _dataset(e, [{"instance_prompt": PROMPT, "class_prompt": ["cat"],
                                                    "instance_data_dir": "x"}]), 2, "class_prompt must be a string"),
     ("dataset-entry-number", lambda e: _dataset(e, [3]), 2, "expected an object or a list"),
+    ("eval-n-class-one", lambda e: _dataset(e, []) + ["--n-class", "1"], 2,
+     "--n-class 1: must be at least 2 (KID compares at least 2 images on each side)"),
+    ("eval-one-real-class-image", lambda e: _dataset(e, [{
+        "instance_prompt": PROMPT, "class_prompt": "cat", "instance_data_dir": e.concept,
+        "class_data_dir": str(_one_image(e.reg, e.tmp / "one")),
+        "prompt_filename": str(_written(e.tmp / "p.txt", "photo of a {} cat\n"))}]) + ["--delta", str(e.delta), "--clip", _toy_clip()], 2,
+     "1 class image(s); KID needs at least 2 real images of the class"),
     # tensor files
     ("delta-nan-weight", lambda e: _sample(e, delta=_delta_variant(e, _nan_weight)), 2, "NaN or infinite"),
     ("delta-inf-token", lambda e: _sample(e, delta=_delta_variant(e, _inf_token)), 2, "tokens.<new1> holds 1 NaN"),

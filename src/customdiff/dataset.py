@@ -123,7 +123,7 @@ def class_images(folder: Path, limit: int) -> list[Path]:
         paths = [Path(x.strip()) for x in listing.read_text().splitlines() if x.strip()]
         paths = [p if p.is_absolute() else folder / p for p in paths]
     else:
-        paths = list_images(folder, allow_captions=True)
+        paths = list_images(folder, allow_captions=True, wanted="real images of the class (at least 2, for KID)")
     return paths[:limit]
 
 
@@ -142,6 +142,9 @@ def check_folders(entries: Sequence[EvalEntry], max_real: int) -> None:
                 try:
                     photos = key == "instance_data_dir"
                     read = list_images(folder, True) if photos else class_images(folder, max_real)
+                    if not photos and len(read) < 2:
+                        raise UserError(f"entry {e.name}: {key} {folder}: {len(read)} class image(s); KID needs at "
+                                        "least 2 real images of the class: add more, or leave class_data_dir out")
                     for p in read:
                         if not p.is_file():
                             listing = folder / "images.txt"
