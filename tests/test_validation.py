@@ -356,6 +356,10 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
     ("sample-pndm-too-few-steps", lambda e: ["sample", "--base", e.base, "--prompt", "a cat", "--scheduler", "pndm",
                                               "--steps", "1", "--n", "1", "-o", str(e.tmp / "s")], 2,
      "PNDMScheduler cannot schedule 1 steps"),
+    ("out-name-not-utf8", lambda e: _sample(e, out=str(e.tmp / "o\udce9")), 2,  # the byte 0xe9 alone
+     "o\\xe9: the path is not valid UTF-8; rename it"),
+    ("delta-name-not-utf8", lambda e: shutil.copy(e.delta, e.tmp / "d\udce9.safetensors") and _sample(
+        e, delta=e.tmp / "d\udce9.safetensors"), 2, "d\\xe9.safetensors: the path is not valid UTF-8; rename it"),
     ("unknown-flag-named-by-its-command", lambda e: [*_train(e), "--bogus"], 2,
      "customdiff train: error: unrecognized arguments: --bogus"),
     ("demo-steps-zero", lambda e: ["demo", "--steps", "0", "-o", str(e.tmp / "d")], 2,
@@ -649,3 +653,15 @@ def test_a_damaged_tokenizer_json_is_one_line(prompt, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "(KeyError: 'added_tokens'); re-save the pipeline" in err[0], err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_photo_name_that_is_not_utf8_trains(tiny_base, concept_dirs, tmp_path):
+    """A photo whose name holds a byte that is not UTF-8 is an ordinary photo (its digest hashed the name as
+    text, which raised a UnicodeEncodeError traceback)."""
+    photos = tmp_path / "photos"
+    shutil.copytree(concept_dirs["a"], photos)
+    first = next(p for p in sorted(photos.iterdir()) if p.suffix == ".png")
+    first.rename(photos / "caf\udce9.png")
+    out = tmp_path / "d.safetensors"
+    env = Env(tiny_base, str(photos), concept_dirs["reg"], out, tmp_path)
+    assert main(["-q", *_train(env, out=str(out))]) == 0 and out.is_file()

@@ -27,7 +27,7 @@ from .conditioning import SD_PIPELINE, XL_PIPELINE, TextSide, is_xl, pipeline_na
 from .errors import UserError
 from .outputs import atomic_path
 from .tokens import add_token_rows
-from .validate import check_readable
+from .validate import check_readable, check_utf8
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     """The safetensors header metadata of a file, or a UserError naming the file."""
     from safetensors import safe_open
 
+    check_utf8("", path)
     check_readable(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -190,6 +191,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, or a UserError naming the file."""
+    check_utf8("", path)
     check_readable(path)
     try:
         return load_file(str(path))

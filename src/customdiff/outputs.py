@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .validate import check_replaceable, warn
+from .validate import check_replaceable, check_utf8, warn
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -77,6 +77,7 @@ def check_out(out: str | Path, command: str, markers: str | Sequence[str], repla
     `markers` (files an earlier run of `command` left). `replaces`: the items it replaces (None: the whole
     folder, so any content counts)."""
     out = Path(out)
+    check_utf8(flag, out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out}: exists and is not a folder")
     check_replaceable(flag, out, whole=replaces is None)  # it is built beside itself, then moved in

@@ -163,7 +163,7 @@ def _photos_digest(specs: list[ConceptSpec]) -> str:
     digest = hashlib.sha256()
     for s in specs:
         for p in list_images(Path(s.instance_dir)):
-            digest.update(p.name.encode() + b"\0" + p.read_bytes())
+            digest.update(os.fsencode(p.name) + b"\0" + p.read_bytes())  # a name's bytes, UTF-8 or not
     return digest.hexdigest()
 
 

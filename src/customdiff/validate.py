@@ -150,13 +150,25 @@ def check_free_space(flag: str, path: Path, need_bytes: int) -> None:
                         "free on that disk; free some space or choose another disk")
 
 
+def check_utf8(flag: str, path: str | Path) -> None:
+    """Refuse a path that is not valid UTF-8 (bytes the file system holds but no text encodes): safetensors
+    cannot open it, and it cannot be written into JSON, logs or a web page as the name it is."""
+    try:
+        str(path).encode()
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise UserError(f"{flag + ' ' if flag else ''}{shown}: the path is not valid UTF-8; rename it") from None
+
+
 def _check_name_length(flag: str, p: Path) -> None:
-    """Refuse a name too long to leave room for the temporary and checkpoint names made beside it."""
+    """Refuse a name too long to leave room for the temporary and checkpoint names made beside it (and one that
+    is not UTF-8)."""
+    check_utf8(flag, p)
     try:
         limit = os.pathconf(_existing_ancestor(p.parent), "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):
         limit = 255
-    if len(p.name.encode()) + _SIBLING_EXTRA > limit:
+    if len(os.fsencode(p.name)) + _SIBLING_EXTRA > limit:
         raise UserError(f"{flag} {path_text(p)}: the name is {len(p.name.encode())} bytes; the temporary and checkpoint "
                         f"files beside it need it at most {limit - _SIBLING_EXTRA}: choose a shorter name")
 
