@@ -225,3 +225,24 @@ def test_resume_warns_when_the_photos_changed(tiny_base, concept_dirs, tmp_path,
     capsys.readouterr()
     assert main(["-q", *args]) == 0
     assert "the concept photos changed since this checkpoint" in capsys.readouterr().err
+
+
+def test_sigterm_stops_as_ctrl_c_does_and_leaves_no_staging_folder(tmp_path, capsys, monkeypatch):
+    """kill, a CI timeout or docker stop mid-demo: exit 143, nothing of the run left (its staging folder was)."""
+    import os
+    import signal
+
+    import customdiff.train as tr
+
+    handler = signal.getsignal(signal.SIGTERM)
+    real = tr.train
+
+    def killed_at_step_2(*a, **k):
+        return real(*a, callback=lambda step, loss: step == 2 and os.kill(os.getpid(), signal.SIGTERM), **k)
+
+    monkeypatch.setattr(tr, "train", killed_at_step_2)
+    out = tmp_path / "demo"
+    assert main(["-q", "demo", "--quick", "--out", str(out)]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "customdiff: terminated"
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is handler

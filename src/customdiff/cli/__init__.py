@@ -11,7 +11,9 @@ import importlib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from typing import Any
 
@@ -124,14 +126,38 @@ def _fail(command: str | None, message: str, code: int) -> int:
     return code
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a CI timeout, docker stop), raised wherever the program is, so that every cleanup runs as
+    on Ctrl-C: no staging folder or half-written output is left."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _stopped(e: KeyboardInterrupt) -> int:
+    """The last line and exit code of a run stopped by Ctrl-C (130) or SIGTERM (143)."""
+    return _fail(None, "terminated", 143) if isinstance(e, _Terminated) else _fail(None, "interrupted", 130)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `customdiff` command."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     logging.disable(logging.NOTSET)  # an earlier failed call in this process silenced logging
     try:
         args = parse(argv)
         _setup_logging(args.quiet)  # imports diffusers and transformers: seconds in which Ctrl-C may come
-    except KeyboardInterrupt:
-        return _fail(None, "interrupted", 130)
+    except KeyboardInterrupt as e:
+        return _stopped(e)
     try:
         args.func(args)
     except UserError as e:
@@ -153,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except Interrupted as e:
         return _fail(None, f"interrupted: {e}", 130)
-    except KeyboardInterrupt:
-        return _fail(None, "interrupted", 130)
+    except KeyboardInterrupt as e:
+        return _stopped(e)
     return 0
 
 
