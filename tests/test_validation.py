@@ -360,6 +360,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
      "o\\xe9: the path is not valid UTF-8; rename it"),
     ("delta-name-not-utf8", lambda e: shutil.copy(e.delta, e.tmp / "d\udce9.safetensors") and _sample(
         e, delta=e.tmp / "d\udce9.safetensors"), 2, "d\\xe9.safetensors: the path is not valid UTF-8; rename it"),
+    ("sample-into-a-folder-of-other-files", lambda e: _sample(e, out=e.concept), 2,  # the photos stay photos
+     "holds files not from `customdiff sample`"),
     ("unknown-flag-named-by-its-command", lambda e: [*_train(e), "--bogus"], 2,
      "customdiff train: error: unrecognized arguments: --bogus"),
     ("demo-steps-zero", lambda e: ["demo", "--steps", "0", "-o", str(e.tmp / "d")], 2,
@@ -665,3 +667,13 @@ def test_a_photo_name_that_is_not_utf8_trains(tiny_base, concept_dirs, tmp_path)
     out = tmp_path / "d.safetensors"
     env = Env(tiny_base, str(photos), concept_dirs["reg"], out, tmp_path)
     assert main(["-q", *_train(env, out=str(out))]) == 0 and out.is_file()
+
+
+def test_sampling_again_into_a_sample_folder_replaces_it_whole(tiny_base, concept_dirs, valid_delta, tmp_path):
+    """Four images, then one, into the same folder: one image and its index, no stale 0001-0003.png."""
+    env = Env(tiny_base, concept_dirs["a"], concept_dirs["reg"], valid_delta, tmp_path)
+    out = tmp_path / "s"
+    assert main(["-q", *_sample(env, out=str(out)), "--n", "4"]) == 0
+    assert len(list(out.glob("0*.png"))) == 4
+    assert main(["-q", *_sample(env, out=str(out))]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "grid.png", "prompts.json"]

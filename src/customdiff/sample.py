@@ -116,26 +116,23 @@ def sample_to_dir(pipe: Any, prompts: Sequence[str], out: str | Path, n: int = 1
                   progress: bool = True, cancel: threading.Event | None = None) -> list[Path]:
     """Write `{index:04d}.png` for every prompt x n, `grid.png` and `prompts.json`; each prompt uses `seed`.
 
-    Nothing is written until every image is made, and a failure (or `cancel`, see generate) leaves no partial
-    output."""
-    from .outputs import make_dirs, write_image_folder
+    `out` must be new, empty or an earlier sample folder, which is replaced whole (no stale images beside the new
+    ones). Nothing is written until every image is made, and a failure (or `cancel`, see generate) leaves no
+    partial output."""
+    from .outputs import INDEX_FILE, check_out, staged, write_image_folder
 
-    out = Path(out)
-    check_timesteps(pipe, steps)  # before the folder is made
-    created = make_dirs(out)
-    try:
-        images, index = [], []
-        for prompt in tqdm(prompts, desc="sample", disable=not progress):
-            ims = generate(pipe, prompt, n, seed, steps, guidance, resolution, negative_prompt, cancel)
-            images += ims
-            index += [prompt] * len(ims)
-        paths = write_image_folder(out, images, index, [seed] * len(images), cols=n if len(prompts) > 1 else None)
-    except BaseException:  # interrupts included
-        if created and not any(out.iterdir()):
-            out.rmdir()
-        raise
-    log.info("wrote %d images to %s", len(paths), out)
-    return paths
+    out = check_out(out, "sample", INDEX_FILE)
+    check_timesteps(pipe, steps)  # before any sampling
+    images, index = [], []
+    for prompt in tqdm(prompts, desc="sample", disable=not progress):
+        ims = generate(pipe, prompt, n, seed, steps, guidance, resolution, negative_prompt, cancel)
+        images += ims
+        index += [prompt] * len(ims)
+    with staged(out, replace=True, last=INDEX_FILE) as tmp:
+        names = [p.name for p in write_image_folder(tmp, images, index, [seed] * len(images),
+                                                    cols=n if len(prompts) > 1 else None)]
+    log.info("wrote %d images to %s", len(names), out)
+    return [out / name for name in names]
 
 
 class ChunkedSampler:

@@ -24,6 +24,7 @@ def load_with_deltas(base: str, deltas: list[Any], delta_paths: list[str], on: s
 def _check_door(a: argparse.Namespace, prompts: list[str]) -> None:
     """Flags, base facts and the output folder of `sample`, before any model loads."""
     from ..base import SAMPLING_MULTIPLE_WHY, STEPS_WHY, base_facts, sampling_multiple
+    from ..outputs import INDEX_FILE, check_out
     from ..validate import check_multiple, check_number, check_out_dir
 
     check_number("--n", a.n, 1, 10_000)
@@ -38,6 +39,7 @@ def _check_door(a: argparse.Namespace, prompts: list[str]) -> None:
     side = a.resolution or (facts.native_resolution if facts else 512)
     per_image = side * side * 3 // 2 + 4096  # a generous PNG size (noise compresses badly)
     check_out_dir("--out", a.out, need_bytes=2 * per_image * a.n * len(prompts))
+    check_out(a.out, "sample", INDEX_FILE)  # an earlier sample folder is replaced whole; another folder is not
 
 
 def _check_prompt_tokens(undefined: list[str], vocab: set[str]) -> None:
