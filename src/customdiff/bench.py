@@ -63,6 +63,10 @@ class BenchConfig:
         check_number("--steps", self.steps, 1, 100_000)  # None passes: each recipe's own
         for seed in self.seeds:
             check_number("--seeds", seed, 0, SEED_MAX)
+        for flag, values in (("--concepts", self.concepts), ("--seeds", self.seeds), ("--methods", self.methods)):
+            twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            if twice is not None:  # it would run twice and count twice in the means
+                raise UserError(f"{flag}: {twice} is given twice; give each once")
 
     @classmethod
     def quick(cls) -> BenchConfig:

@@ -36,13 +36,20 @@ def _cmd_train(a: argparse.Namespace) -> None:
     from ..validate import deferred_warnings
 
     if a.concepts:
-        if a.concept:
-            raise UserError("give either --concepts FILE or --concept DIR, not both")
+        given = [flag for flag, v in (("--concept", a.concept), ("--instance-prompt", a.instance_prompt),
+                                      ("--class-prompt", a.class_prompt), ("--reg-dir", a.reg_dir),
+                                      ("--reg-captions", a.reg_captions)) if v]
+        if given:  # each concept of the file carries its own; a flag beside it would be silently ignored
+            raise UserError(f"give either --concepts FILE or {given[0]}, not both: the file's concepts carry their own "
+                            "prompts and folders (instance_prompt, class_prompt, class_data_dir)")
         with deferred_warnings(hand_on=True):  # shown once train's own checks pass, or not at all
             specs = read_concepts_file(a.concepts)
     else:
         if not (a.concept and a.instance_prompt and a.class_prompt):
             raise UserError("--concept DIR, --instance-prompt and --class-prompt are required (or --concepts FILE)")
+        if a.reg_captions and not a.reg_dir:
+            raise UserError(f"--reg-captions {a.reg_captions}: captions of --reg-dir's images, and no --reg-dir is "
+                            "given; add --reg-dir DIR or leave --reg-captions out")
         specs = [ConceptSpec(a.concept, a.instance_prompt, a.class_prompt, reg_dir=a.reg_dir,
                              reg_captions=a.reg_captions)]
     cfg = config_from(TrainConfig, a)

@@ -7,6 +7,7 @@ preflight, which this app never grants); when bound to a loopback address, only 
 
 from __future__ import annotations
 
+import errno
 import io
 import ipaddress
 import logging
@@ -452,14 +453,16 @@ def _is_loopback(host: str) -> bool:
 def check_port(host: str, port: int) -> None:
     """Refuse a port that is in use before the slow model load."""
     _number("--port", port, 1, 65535)
+    if not host.strip():  # uvicorn would listen on every interface, and the loopback-only Host check would be off
+        raise UserError("--host '': empty; give 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
-            raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); choose another "
-                            "--port") from None
+            fix = "another --port" if e.errno == errno.EADDRINUSE else "an address of this machine for --host"
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); choose {fix}") from None
 
 
 def serve(base: str = "toy", host: str = "127.0.0.1", port: int = 7860, workdir: str | Path = "customdiff-ui",
