@@ -246,3 +246,11 @@ def test_sigterm_stops_as_ctrl_c_does_and_leaves_no_staging_folder(tmp_path, cap
     assert capsys.readouterr().err.strip().splitlines()[-1] == "customdiff: terminated"
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_quiet_goes_before_or_after_the_command():
+    from customdiff.cli import parse
+
+    rest = ["--base", "toy", "--prompt", "a cat", "-o", "s"]
+    assert parse(["-q", "sample", *rest]).quiet and parse(["sample", "-q", *rest]).quiet
+    assert parse(["sample", *rest, "--quiet"]).quiet and not parse(["sample", *rest]).quiet

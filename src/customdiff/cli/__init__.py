@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(f"{__name__}.{name}").register(sub)
     for command in sub.choices.values():  # an unknown flag is the command's to refuse, under its name
         command.set_defaults(command_parser=command)
+        # -q after the command too (`customdiff train -q ...`); left out there, the top level's value stands
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="no progress bars or info logs")
     return p
 
 
