@@ -64,6 +64,23 @@ def step_check(cancel: threading.Event | None) -> Callable[[Any, int, Any, dict[
     return check
 
 
+def check_token_reach(pipe: Any, prompts: Sequence[str]) -> None:
+    """Refuse a prompt whose modifier token lands past what the text encoder reads: the pipeline would cut it
+    off, and the concept would be silently left out of the images."""
+    from .conditioning import sides
+    from .tokens import find_tokens, token_position
+
+    for side in sides(pipe):
+        tok = getattr(pipe, side.tokenizer)
+        for p in prompts:
+            for t in find_tokens(p):
+                at = token_position(tok, p, t)
+                if at >= tok.model_max_length - 1:  # the last place holds the end token
+                    raise UserError(f"prompt {p[:60]!r}...: {t} comes at token {at}, past the {tok.model_max_length} "
+                                    "tokens the text encoder reads, so its concept would be left out; shorten the "
+                                    "words before it")
+
+
 def check_timesteps(pipe: Any, steps: int) -> None:
     """Refuse a step count whose timesteps this scheduler places past its training range (DPM-Solver++ with
     "leading" spacing does at 999 steps on SD's config): diffusers would index past the noise schedule."""
@@ -123,6 +140,7 @@ def sample_to_dir(pipe: Any, prompts: Sequence[str], out: str | Path, n: int = 1
 
     out = check_out(out, "sample", INDEX_FILE)
     check_timesteps(pipe, steps)  # before any sampling
+    check_token_reach(pipe, prompts)
     images, index = [], []
     for prompt in tqdm(prompts, desc="sample", disable=not progress):
         ims = generate(pipe, prompt, n, seed, steps, guidance, resolution, negative_prompt, cancel)

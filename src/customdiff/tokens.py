@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Container, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +28,12 @@ def undefined_tokens(texts: Iterable[str], known: Container[str]) -> list[str]:
     """Modifier tokens of `texts` that `known` (a vocabulary and the deltas' tokens) lacks, once each, in order:
     a tokenizer splits such a token into pieces, so the concept it names would be silently left out."""
     return [t for t in dict.fromkeys(t for x in texts for t in find_tokens(x)) if t not in known]
+
+
+def token_position(tokenizer: Any, prompt: str, token: str) -> int:
+    """Where the first `token` of `prompt` lands in its encoding: the start token, then the ids of the text
+    before it. At `tokenizer.model_max_length - 1` or later the text encoder never reads it."""
+    return 1 + len(tokenizer(prompt[:prompt.index(token)], add_special_tokens=False)["input_ids"])
 
 
 def _single_id(tokenizer, word: str) -> int | None:

@@ -41,7 +41,7 @@ from .model import CustomDiffusion, vae_call_pixels
 from .outputs import final_path, make_dirs
 from .precision import frozen_dtype, read_kept, restore_kept, store_pipeline_frozen
 from .surgery import detach_start_token, freeze_except, trainable_names
-from .tokens import TokenRows, add_tokens, default_initializers
+from .tokens import TokenRows, add_tokens, default_initializers, token_position
 from .validate import (
     check_free_space,
     check_multiple,
@@ -93,8 +93,7 @@ def _check_token_positions(pipe: Any, specs: list[ConceptSpec], augment: bool) -
                     default=0) if augment else 0
         for s in specs:
             for t in s.tokens:
-                before = s.instance_prompt[:s.instance_prompt.index(t)]
-                at = 1 + extra + len(tok(before, add_special_tokens=False)["input_ids"])  # 1: the start token
+                at = extra + token_position(tok, s.instance_prompt, t)
                 if at >= tok.model_max_length - 1:  # the last place holds the end token
                     raise UserError(f"instance prompt {s.instance_prompt[:80]!r}: {t} comes at token {at}, past the "
                                     f"{tok.model_max_length} tokens the text encoder reads"
