@@ -381,6 +381,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
                                                       "a very " * 80 + "<new1> cat", "--steps", "2", "--n", "1",
                                                       "-o", str(e.tmp / "s")], 2,
      "tokens the text encoder reads, so its concept would be left out"),
+    ("concept-a-photo-not-its-folder", lambda e: _train(e, concept=str(next(Path(e.concept).glob("*.png")))), 2,
+     "a file, not a folder; give the folder that holds the images"),
     ("unknown-flag-named-by-its-command", lambda e: [*_train(e), "--bogus"], 2,
      "customdiff train: error: unrecognized arguments: --bogus"),
     ("demo-steps-zero", lambda e: ["demo", "--steps", "0", "-o", str(e.tmp / "d")], 2,

@@ -69,6 +69,8 @@ def load_image(path: Path, min_side: int = 0) -> Image.Image:
 def list_images(folder: Path, allow_captions: bool = False, wanted: str = "4-20 photos of the concept") -> list[Path]:
     """Image files of a folder, sorted; any other file (except caption .txt when allowed, hidden and system
     files) is an error. `wanted` says what to add to an empty folder."""
+    if folder.is_file():
+        raise UserError(f"{folder}: a file, not a folder; give the folder that holds the images")
     if not folder.is_dir():
         raise UserError(f"{folder}: no such image folder")
     images = []
