@@ -100,6 +100,23 @@ def test_import_example_refusals(tiny_base, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_token_that_is_a_word_of_the_base_is_refused(tiny_base, tmp_path, capsys):
+    """A token named "cat" would turn every "cat" (CLIP keeps it as "cat</w>"), even inside "cats", into its row."""
+    from customdiff.base import load_pipeline
+    from customdiff.tokens import in_vocabulary
+
+    tok = load_pipeline(tiny_base).tokenizer
+    assert "cat" not in tok.get_vocab() and in_vocabulary(tok, "cat") and not in_vocabulary(tok, "<new1>")
+    state, row = _example_state(tiny_base)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    save_file(state, str(folder / "pytorch_custom_diffusion_weights.safetensors"))
+    save_file({"cat": row}, str(folder / "cat.safetensors"))
+    capsys.readouterr()
+    assert main(["import", str(folder), "--base", tiny_base, "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "token cat already exists in the base vocabulary" in capsys.readouterr().err
+
+
 def test_a_token_file_this_user_may_not_read_is_refused_not_skipped(tiny_base, tmp_path, monkeypatch, capsys):
     """Found beside the weights, an unreadable `<new1>` file was skipped as "not a token file", and the delta was
     written without its token (exit 0). Root reads every file, so the refusal of the OS is simulated."""

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from .conditioning import SD_PIPELINE, XL_PIPELINE, TextSide, is_xl, pipeline_name, sides
 from .errors import UserError
 from .outputs import atomic_path
-from .tokens import add_token_rows
+from .tokens import add_token_rows, in_vocabulary
 from .validate import check_readable, check_utf8
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ def _check_tokens(d: Delta, src: str, pipe: Any, owner: dict[str, str]) -> None:
                             "`customdiff merge`, which renames clashing tokens")
         owner[tok] = src
         for side in sides(pipe):
-            if tok in getattr(pipe, side.tokenizer).get_vocab():
+            if in_vocabulary(getattr(pipe, side.tokenizer), tok):
                 raise UserError(f"{src}: token {tok} already exists in the base vocabulary; rename it")
             width = getattr(pipe, side.encoder).get_input_embeddings().weight.shape[1]
             row = d.rows(side.prefix)[tok]

@@ -26,6 +26,7 @@ from .conditioning import SD_PIPELINE, XL_PIPELINE, is_xl, pipeline_name, sides
 from .delta import Delta, atomic_save, base_fingerprint, public_name
 from .errors import UserError
 from .outputs import check_out, staged
+from .tokens import in_vocabulary
 from .validate import check_readable
 
 log = logging.getLogger(__name__)
@@ -489,8 +490,9 @@ def import_reference(path: str | Path | Sequence[str | Path], pipe: Any, base_na
             if row.numel() != width:
                 raise UserError(f"{path}: token {tok} has width {row.numel()}, the base's {side.encoder} {width}; "
                                 "use the base it was trained from")
-            if tok in getattr(pipe, side.tokenizer).get_vocab():
-                raise UserError(f"{path}: token {tok} already exists in the base vocabulary")
+            if in_vocabulary(getattr(pipe, side.tokenizer), tok):
+                raise UserError(f"{path}: token {tok} already exists in the base vocabulary; rename it (its file "
+                                "names it in diffusers' example output: <new1>.safetensors)")
     classes = list(class_words or [])
     if classes and len(classes) != len(tokens):
         raise UserError(f"--class-word given {len(classes)} times for {len(tokens)} tokens ({', '.join(tokens)})")

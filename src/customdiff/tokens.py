@@ -30,6 +30,13 @@ def undefined_tokens(texts: Iterable[str], known: Container[str]) -> list[str]:
     return [t for t in dict.fromkeys(t for x in texts for t in find_tokens(x)) if t not in known]
 
 
+def in_vocabulary(tokenizer: Any, token: str) -> bool:
+    """Whether the tokenizer already has `token`, also as a whole word (CLIP's BPE keeps "heart" as "heart</w>"):
+    adding it again would make every use of that word, even inside "hearth", the new token's row."""
+    vocab = tokenizer.get_vocab()
+    return token in vocab or f"{token}</w>" in vocab
+
+
 def token_position(tokenizer: Any, prompt: str, token: str) -> int:
     """Where the first `token` of `prompt` lands in its encoding: the start token, then the ids of the text
     before it. At `tokenizer.model_max_length - 1` or later the text encoder never reads it."""
@@ -73,7 +80,7 @@ def add_tokens(tokenizer, text_encoder, tokens: Sequence[str], initializers: Seq
     emb = text_encoder.get_input_embeddings()
     init_rows = {}
     for tok, word in zip(tokens, initializers, strict=True):
-        if tok in tokenizer.get_vocab():
+        if in_vocabulary(tokenizer, tok):
             raise UserError(f"token {tok} already exists in the vocabulary; choose another modifier token name")
         word_ids = tokenizer(word, add_special_tokens=False)["input_ids"]
         if not word_ids:
