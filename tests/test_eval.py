@@ -312,22 +312,24 @@ def test_an_unreadable_or_missing_class_image_is_refused_before_sampling(concept
 
     entries = read_dataset(_dataset(tmp_path / "ds", concept_dirs))
     folder = entries[0].concepts[0].class_dir
-    first = class_images(folder, 200)[0]
+    real = class_images(folder, 200)
+    assert len(real) > 2
+    last = real[-1]
 
     def guarded_open(file, *args, **kwargs):  # root reads every file: the OS's refusal is simulated
-        if Path(file) == first:
+        if Path(file) == last:
             raise PermissionError(13, "Permission denied", str(file))
         return builtins.open(file, *args, **kwargs)
 
     monkeypatch.setattr(customdiff.validate, "open", guarded_open, raising=False)
-    with pytest.raises(UserError, match=f"class_data_dir {first}: permission denied"):
+    with pytest.raises(UserError, match=f"class_data_dir {last}: permission denied"):
         check_folders(entries, 200)
-    check_folders(entries, 0)  # only the first max_real images are read
+    check_folders(entries, 2)  # only the first max_real images are read
     monkeypatch.undo()
     listed = tmp_path / "listed"
     listed.mkdir()
-    (listed / "images.txt").write_text(f"{first}\n{folder / 'gone.png'}\n")
+    (listed / "images.txt").write_text(f"{real[0]}\n{real[1]}\n{folder / 'gone.png'}\n")
     entries[0].concepts[0].class_dir = listed
     with pytest.raises(UserError, match="gone.png: no such image .a broken link, or a line of .*images.txt"):
         check_folders(entries, 200)
-    check_folders(entries, 1)
+    check_folders(entries, 2)
