@@ -90,7 +90,8 @@ def test_teach_watch_sample_download(browser, server, shots, tmp_path):
     page.wait_for_function("document.querySelector('#job')?.dataset.state === 'running' && "
                            "Number(document.querySelector('#job-step').textContent) > 0", timeout=120_000)
     job_id = page.get_attribute("#job", "data-id")
-    page.wait_for_function("document.querySelector('#message').hidden", timeout=10_000)  # "queued" went with the queue
+    # the "queued" notice went with the queue
+    page.wait_for_function("document.querySelector('#message').hidden", timeout=10_000)
     page.screenshot(path=shots / "03-training.png", full_page=True)
 
     # a second tab and a reload show the same job

@@ -172,8 +172,10 @@ class EvalConfig:
     images: str | None = opt(None, "score images an earlier eval wrote (its --out/images) instead of sampling",
                              metavar="DIR")
     n: int = opt(4, "images per prompt", lo=1, hi=100_000, metavar="N")
-    n_class: int = opt(50, "class-prompt images per class for KID", lo=2, hi=100_000, metavar="N", why=" (KID compares at least 2 images on each side)")
-    max_real: int = opt(200, "real class images used for KID", lo=2, hi=100_000, metavar="N", why=" (KID compares at least 2 images on each side)")
+    n_class: int = opt(50, "class-prompt images per class for KID", lo=2, hi=100_000, metavar="N",
+                       why=" (KID compares at least 2 images on each side)")
+    max_real: int = opt(200, "real class images used for KID", lo=2, hi=100_000, metavar="N",
+                        why=" (KID compares at least 2 images on each side)")
     class_template: str = opt("{}", "class-prompt template for KID sampling, e.g. 'photo of a {}' ({} = the "
                                     "class prompt as is)", metavar="TEXT")
     kid_subsets: int = opt(100, "random subsets averaged by KID", lo=1, hi=100_000, metavar="N")

@@ -239,10 +239,10 @@ def validate_concepts(specs: list[ConceptSpec], min_side: int = 0,
                             "write it like 'photo of a <new1> cat'")
         if not s.class_prompt.strip():
             raise UserError(f"class prompt of {s.instance_prompt!r} is empty; give one such as 'photo of a cat'")
-        if find_tokens(s.class_prompt):  # class images of it would pull the token toward the class
-            raise UserError(f"class prompt {s.class_prompt!r} holds the modifier token {find_tokens(s.class_prompt)[0]}; "
-                            "the class prompt names the class alone ('photo of a cat'), the token goes in the instance "
-                            "prompt")
+        held = find_tokens(s.class_prompt)
+        if held:  # class images of it would pull the token toward the class
+            raise UserError(f"class prompt {s.class_prompt!r} holds the modifier token {held[0]}; the class prompt "
+                            "names the class alone ('photo of a cat'), the token goes in the instance prompt")
         for t in s.tokens:
             if t in owner and owner[t] != i:
                 raise UserError(f"token {t} is used by two concepts ({specs[owner[t]].instance_dir} and "
