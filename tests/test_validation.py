@@ -466,6 +466,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
     ("animated-gif", lambda e: _train(e, concept=_animated(e)), 0, "animated (3 frames); using the first frame"),
     ("out-folder-created", lambda e: _train(e, out=str(e.tmp / "new" / "deeper" / "d.safetensors")), 0,
      "created the output folder"),
+    ("reg-captions-too-many", lambda e: (e.tmp / "caps.txt").write_text("a cat\n" * 7) and _train(
+        e, "--reg-captions", str(e.tmp / "caps.txt")), 0, "7 captions for 6 regularization images; the last 1 are unused"),
     ("sample-out-created", lambda e: _sample(e, out=str(e.tmp / "new" / "s")), 0, "created the output folder"),
 ]
 

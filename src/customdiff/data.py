@@ -145,6 +145,9 @@ def _caption_lines(spec: ConceptSpec, n: int) -> list[str]:
     if len(lines) < n:
         raise UserError(f"{spec.reg_captions}: {len(lines)} captions for {n} regularization images; "
                         "give one caption per line, aligned with the images")
+    if len(lines) > n:  # likely misaligned: a caption file of another folder, or images removed since
+        warn(f"{spec.reg_captions}: {len(lines)} captions for {n} regularization images; the last "
+             f"{len(lines) - n} are unused, so check that each line still matches its image")
     return lines[:n]
 
 
