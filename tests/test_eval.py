@@ -127,6 +127,21 @@ def _dataset(root: Path, concept_dirs: dict[str, str]) -> Path:
     return path
 
 
+def test_a_prompt_line_without_a_placeholder_is_named(tmp_path, concept_dirs, monkeypatch):
+    """A prompt-file line without {} is sampled without the concept: said once per entry, with an example."""
+    import customdiff.dataset
+    from customdiff.dataset import warn_conceptless
+
+    path = _dataset(tmp_path, concept_dirs)
+    said: list[str] = []
+    monkeypatch.setattr(customdiff.dataset, "warn", said.append)
+    warn_conceptless(read_dataset(path))
+    assert said == []
+    (tmp_path / "prompts" / "cat.txt").write_text("photo of a {}\na red thing\n")
+    warn_conceptless(read_dataset(path))
+    assert len(said) == 1 and "entry 00_a: 1 of its 2 prompts name no concept" in said[0] and "'a red thing'" in said[0]
+
+
 def test_read_dataset(tmp_path, concept_dirs):
     path = _dataset(tmp_path, concept_dirs)
     entries = read_dataset(path)

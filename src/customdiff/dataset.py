@@ -13,7 +13,7 @@ from .data import list_images, read_json_list
 from .errors import UserError
 from .sample import read_prompts
 from .tokens import TOKEN_RE
-from .validate import check_readable, unreadable
+from .validate import check_readable, unreadable, warn
 
 
 @dataclass
@@ -125,6 +125,17 @@ def class_images(folder: Path, limit: int) -> list[Path]:
     else:
         paths = list_images(folder, allow_captions=True, wanted="real images of the class (at least 2, for KID)")
     return paths[:limit]
+
+
+def warn_conceptless(entries: Sequence[EvalEntry]) -> None:
+    """Warn of prompts that name none of their entry's concepts (a prompt-file line without `{}`): they are
+    sampled without the concept, and their images lower its scores without saying why."""
+    for e in entries:
+        phrases = [c.phrase() for c in e.concepts]
+        bare = [p for p in e.prompts if not any(ph in p for ph in phrases)]
+        if bare:
+            warn(f"entry {e.name}: {len(bare)} of its {len(e.prompts)} prompts name no concept (a prompt-file line "
+                 f"without {{}}), e.g. {bare[0]!r}; they are sampled without it")
 
 
 def check_folders(entries: Sequence[EvalEntry], max_real: int) -> None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .conditioning import pipeline_vocabulary
 from .config import EvalConfig
 from .data import list_images, load_image
-from .dataset import EvalEntry, check_folders, class_images, read_dataset, strip_tokens
+from .dataset import EvalEntry, check_folders, class_images, read_dataset, strip_tokens, warn_conceptless
 from .errors import UserError
 from .eval_report import PROBE_KEYS, write_results
 from .features import ClipFeatures, resolve_clip
@@ -238,6 +238,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     out = check_out(cfg.out, "eval", METRICS_FILE, replaces=[IMAGES_DIR])
     entries = read_dataset(cfg.dataset, cfg.entries)
     check_folders(entries, cfg.max_real)
+    if cfg.images is None and not cfg.strip_tokens:
+        warn_conceptless(entries)
     if cfg.images is not None:
         if not Path(cfg.images).is_dir():
             raise UserError(f"--images {cfg.images}: no such folder")
