@@ -116,6 +116,9 @@ def read_reg_source(spec: ConceptSpec) -> list[tuple[Path, str]]:
 
 def _listed_images(src: Path) -> list[Path]:
     """The reference layout: an images.txt listing one image path per line (relative to it or to the cwd)."""
+    if src.suffix.lower() != ".txt":
+        raise UserError(f"--reg-dir {src}: a file, not a folder; give a folder of class images or an images.txt "
+                        "listing them")
     paths = []
     for n, line in enumerate(read_text(src, "--reg-dir").splitlines(), 1):
         if not line.strip():

@@ -254,17 +254,25 @@ def human_bytes(n: float) -> str:
 # ---------------------------------------------------------------- text and JSON
 
 
+TEXT_MAX = 64 * 2**20  # text inputs (prompts, captions, listings, JSON) are far smaller
+
+
 def read_text(path: str | Path, label: str) -> str:
-    """A UTF-8 text file (a BOM is dropped); a UserError naming the file and the offending byte otherwise."""
+    """A UTF-8 text file (a BOM is dropped) of at most TEXT_MAX bytes; a UserError naming the file and the
+    offending byte otherwise."""
     p = Path(path)
     try:
-        data = p.read_bytes()
+        with open(p, "rb") as f:  # read one byte past the cap: /dev/zero or a mistaken video must not fill memory
+            data = f.read(TEXT_MAX + 1)
     except IsADirectoryError as e:
         raise UserError(f"{label} {path}: is a folder, not a text file") from e
     except FileNotFoundError as e:
         raise UserError(f"{label} {path}: no such file") from e
     except OSError as e:
         raise UserError(f"{label} {path}: cannot read it ({e.strerror or e})") from e
+    if len(data) > TEXT_MAX:
+        raise UserError(f"{label} {path}: larger than {TEXT_MAX // 2**20} MB; not a prompt, caption or listing "
+                        "file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
