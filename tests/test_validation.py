@@ -387,6 +387,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
      "a file, not a folder; give a folder of class images or an images.txt listing them"),
     ("prompts-file-endless", lambda e: ["sample", "--base", e.base, "--prompts-file", "/dev/zero", "--steps", "2",
                                         "-o", str(e.tmp / "s")], 2, "/dev/zero: larger than 64 MB"),
+    ("concepts-class-dir-missing", lambda e: _train_concepts(e, [_concept_entry(e, class_data_dir=str(
+        e.tmp / "nowhere"))]), 2, "concept 0: class_data_dir"),
     ("unknown-flag-named-by-its-command", lambda e: [*_train(e), "--bogus"], 2,
      "customdiff train: error: unrecognized arguments: --bogus"),
     ("demo-steps-zero", lambda e: ["demo", "--steps", "0", "-o", str(e.tmp / "d")], 2,

@@ -217,13 +217,16 @@ def read_concepts_file(path: str | Path) -> list[ConceptSpec]:
             if not first:
                 raise UserError(f"{where}: class_prompt file {cand} is empty; one caption per line")
             class_prompt = first[0]
-        reg = e.get("class_data_dir")
+        reg = _resolve(e["class_data_dir"], path.parent, where) if e.get("class_data_dir") else None
+        if reg is not None and not Path(reg).exists():  # named here: later it would read as a --reg-dir flag
+            raise UserError(f"{where}: class_data_dir {reg}: no such folder or images.txt file; fix the path, or "
+                            "leave class_data_dir out to have the base generate class images")
         inst = _resolve(e["instance_data_dir"], path.parent, where)
         if any(Path(s.instance_dir).resolve() == Path(inst).resolve() for s in specs):
             warn(f"{where}: instance_data_dir {inst} is also used by another concept")
         specs.append(ConceptSpec(
             instance_dir=inst, instance_prompt=e["instance_prompt"],
-            class_prompt=class_prompt, reg_dir=_resolve(reg, path.parent, where) if reg else None,
+            class_prompt=class_prompt, reg_dir=reg,
             reg_captions=reg_captions, initializer=e.get("initializer_token") or e.get("initializer")))
     return specs
 
