@@ -137,3 +137,12 @@ def test_a_photo_this_user_may_not_read_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(customdiff.images.Image, "open", refused)
     with pytest.raises(UserError, match=r"p\.png: permission denied: this user may not read it"):
         load_image(photo)
+
+
+def test_class_word_is_the_first_word_after_the_tokens():
+    """Recorded in the delta's token info: "heart", not "<new2>", for a prompt with two tokens in a row."""
+    from customdiff.data import ConceptSpec
+
+    words = [ConceptSpec("x", p, "photo of a dog").class_word()
+             for p in ("photo of a <new1> <new2> heart", "photo of a <new1> cat, on grass", "a <new1>")]
+    assert words == ["heart", "cat", "dog"]

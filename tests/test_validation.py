@@ -123,6 +123,11 @@ def _nan_weight(t: dict, m: dict) -> None:
     t[k][0, 0] = float("nan")
 
 
+def _nameless_token(t: dict, m: dict) -> None:  # consistent with its metadata: the name alone is wrong
+    t["tokens."] = t.pop("tokens.<new1>")
+    m["tokens"] = m["tokens"].replace('"<new1>"', '""')
+
+
 def _inf_token(t: dict, m: dict) -> None:
     t["tokens.<new1>"] = t["tokens.<new1>"].clone()
     t["tokens.<new1>"][3] = float("inf")
@@ -389,6 +394,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
                                         "-o", str(e.tmp / "s")], 2, "/dev/zero: larger than 64 MB"),
     ("concepts-class-dir-missing", lambda e: _train_concepts(e, [_concept_entry(e, class_data_dir=str(
         e.tmp / "nowhere"))]), 2, "concept 0: class_data_dir"),
+    ("delta-nameless-token", lambda e: _sample(e, delta=_delta_variant(e, _nameless_token)), 2,
+     "a token row has an empty name (key 'tokens.')"),
     ("unknown-flag-named-by-its-command", lambda e: [*_train(e), "--bogus"], 2,
      "customdiff train: error: unrecognized arguments: --bogus"),
     ("demo-steps-zero", lambda e: ["demo", "--steps", "0", "-o", str(e.tmp / "d")], 2,

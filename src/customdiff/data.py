@@ -53,11 +53,14 @@ class ConceptSpec:
     tokens: list[str] = field(default_factory=list)  # its modifier tokens, as validate_concepts resolves them
 
     def class_word(self) -> str:
-        """The class word: the word after the concept's token in its prompt (e.g. "cat")."""
+        """The class word: the first word after the concept's tokens in its prompt (e.g. "cat", also in
+        "a <new1> <new2> cat")."""
         words = self.instance_prompt.split()
         for i, w in enumerate(words):
-            if find_tokens(w) and i + 1 < len(words):
-                return words[i + 1].strip(",.")
+            if find_tokens(w):
+                after = next((x for x in words[i + 1:] if not find_tokens(x)), None)
+                if after is not None:
+                    return after.strip(",.")
         return self.class_prompt.split()[-1] if self.class_prompt.split() else ""
 
 

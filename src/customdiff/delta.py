@@ -262,7 +262,10 @@ def _check_structure(d: Delta, path: Path) -> None:
         raise UserError(f"{path}: tokens_2 rows {list(d.tokens_2)} do not match its token rows {list(d.tokens)} "
                         "(an SDXL delta has both rows of every token)")
     for tok, row in [*d.tokens.items(), *d.tokens_2.items()]:
-        if not tok or row.dim() != 1 or not row.is_floating_point():
+        if not tok.strip():
+            raise UserError(f"{path}: a token row has an empty name (key 'tokens.'); every row needs its token, "
+                            "such as <new1>")
+        if row.dim() != 1 or not row.is_floating_point():
             raise UserError(f"{path}: token row {tok!r} must be a 1-D float tensor, got shape {tuple(row.shape)}")
     for k, t in d.weights.items():
         if not t.is_floating_point():
