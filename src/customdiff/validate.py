@@ -168,8 +168,9 @@ def _check_name_length(flag: str, p: Path) -> None:
         limit = os.pathconf(_existing_ancestor(p.parent), "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):
         limit = 255
-    if len(os.fsencode(p.name)) + _SIBLING_EXTRA > limit:
-        raise UserError(f"{flag} {path_text(p)}: the name is {len(p.name.encode())} bytes; the temporary and checkpoint "
+    size = len(p.name.encode())  # UTF-8, checked above
+    if size + _SIBLING_EXTRA > limit:
+        raise UserError(f"{flag} {path_text(p)}: the name is {size} bytes; the temporary and checkpoint "
                         f"files beside it need it at most {limit - _SIBLING_EXTRA}: choose a shorter name")
 
 
