@@ -27,7 +27,7 @@ run() {
 }
 # the tiny pipeline's delta with graphs against the eager one, on the GPU
 graphs_test() {
-  late graphs test || "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py \
+  late graphs test || "$PY" -m pytest -q -rP -p no:cacheprovider tests/test_graphs.py \
     -k "real_cuda_graphs or failed_real_capture or real_capture_whole" || { echo "graphs: test FAILED" >&2; failed=1; }
 }
 sd15=(--arch sd15 --resolution 512 --batch-size 8 --train-steps "$STEPS")
@@ -78,17 +78,17 @@ for g in $groups; do
       run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs on --label graphs
       "$PY" benchmarks/compare_deltas.py "$OUT" graphs eager ;;
     next)  # the still unmeasured items, most needed first (docs/performance.md): the GPU tests, the example and
-           # our defaults on one machine, SDXL with graphs, SD 2.1 at 768 px, checkpointing with and without graphs
+           # our defaults on one machine, checkpointing with and without graphs, SD 2.1 at 768 px, SDXL
       graphs_test
       if [ -n "${DIFFUSERS_EXAMPLE:-}" ]; then run "${sd15[@]}" --mixed-precision fp16 --example "$DIFFUSERS_EXAMPLE"; fi
       run "${sd15[@]}" --mixed-precision fp16 --label graphs
-      run --arch sdxl --resolution 1024 --batch-size 2 --train-steps 40 --sample-steps 2 --mixed-precision fp16 \
-        --label sdxl-graphs
-      run --arch sd21 --resolution 768 --batch-size 8 --train-steps 60 --sample-steps 2 --mixed-precision fp16 \
-        --label sd21-graphs
       run "${sd15[@]}" --mixed-precision fp16 --gradient-checkpointing --label ckpt-graphs
       run "${sd15[@]}" --mixed-precision fp16 --gradient-checkpointing --cuda-graphs off --label ckpt-eager
-      "$PY" benchmarks/compare_deltas.py "$OUT" ckpt-graphs ckpt-eager || true ;;
+      late compare || "$PY" benchmarks/compare_deltas.py "$OUT" ckpt-graphs ckpt-eager || true
+      run --arch sd21 --resolution 768 --batch-size 8 --train-steps 60 --sample-steps 2 --mixed-precision fp16 \
+        --label sd21-graphs
+      run --arch sdxl --resolution 1024 --batch-size 2 --train-steps 40 --sample-steps 2 --mixed-precision fp16 \
+        --label sdxl-graphs ;;
     suite)  # the test suite on the GPU machine. train() takes the GPU path there (CUDA graphs, fused AdamW, pinned
             # batches, leaner activations), so every training test runs it, the web app's too; a test that fails
             # only here is a GPU-only bug or a tolerance the GPU's summation order breaks. Needs the web app's

@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import pytest
 import torch
-from tiny import reset_accelerate
+from tiny import load_benchmark, reset_accelerate
 
 from customdiff import train as train_module
 from customdiff.base import load_pipeline
@@ -333,28 +333,40 @@ def test_a_failed_capture_falls_back_to_the_eager_pass(tiny_base, caplog):
     torch.testing.assert_close(out, graphed.eager(*x))
 
 
+def _change(delta, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What training did to each weight: the delta's weights less the base's."""
+    return {k: v.double() - base[k].double() for k, v in delta.weights.items()}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_real_cuda_graphs_train_the_eager_delta(tiny_base, concept_dirs, tmp_path, caplog):
+    distance = load_benchmark("compare_deltas").distance
     deltas = {}
-    for mode in ("off", "on"):
-        cfg = TrainConfig(base=tiny_base, out=str(tmp_path / f"{mode}.safetensors"), steps=6, batch_size=2,
+    for run, mode in (("eager", "off"), ("eager again", "off"), ("graphs", "on")):
+        cfg = TrainConfig(base=tiny_base, out=str(tmp_path / f"{run}.safetensors"), steps=6, batch_size=2,
                           learning_rate=1e-3, cuda_graphs=mode)
         caplog.clear()
         with caplog.at_level(logging.INFO, "customdiff.graphs"):
-            deltas[mode] = load_delta(train(cfg, _spec(concept_dirs), progress=False))
+            deltas[run] = load_delta(train(cfg, _spec(concept_dirs), progress=False))
         # the graphs were used: a capture that fails leaves a correct, eager delta (the twelfth session's change
         # failed every capture, and this test did not see it until it asked)
         assert ("captured the UNet" in caplog.text) == (mode == "on") and "failed" not in caplog.text
         assert "differ from the captured ones" not in caplog.text  # every step replayed
-    ref, got = deltas["off"], deltas["on"]
+    base = load_pipeline(tiny_base).unet.state_dict()
+    ref = _change(deltas["eager"], base)
+    got, again = (distance(_change(deltas[run], base), ref) for run in ("graphs", "eager again"))
+    tokens = distance(deltas["graphs"].tokens, deltas["eager"].tokens)
+    print(f"graphs vs eager: weight changes {got}, token rows {tokens}; eager vs eager: {again}")
     # Not bit for bit: the GPU's backward kernels sum in an order that varies, and AdamW's first steps move a
-    # weight by about lr * sign(gradient), so a near-zero gradient can step the other way. On an H200 (eighth
-    # session) these 6 steps differed by at most 7.7e-6 per element, of steps up to lr * 6 = 6e-3 (the test
-    # then asked for 1e-6 and failed); SD 1.5 at 512 px, fp16, 150 steps: 8.6e-4 relative L2, cosine 0.9999996.
-    # 5e-5 is about 1% of the largest step. This tolerance has not been run on a GPU yet.
-    for k, v in ref.weights.items():
-        torch.testing.assert_close(got.weights[k], v, rtol=0, atol=5e-5)
-    torch.testing.assert_close(got.tokens["<new1>"], ref.tokens["<new1>"], rtol=0, atol=5e-5)
+    # weight by about lr * sign(gradient), so a near-zero gradient can step the other way: a single element can
+    # differ by up to 2 * lr. Per element, this test asked for 5e-5 and failed on an H200 (sixteenth session's
+    # call: 2 of 1024 elements off by up to 5.4e-5, one by 12% of its own change). So it compares what training
+    # changed, as a whole. On an H100 (seventeenth session) graphs against eager gave 2.4e-5 relative L2 (token
+    # rows 4.4e-5), and eager against eager 2.2e-5: the graphs are as close to eager as eager is to itself. SD 1.5
+    # at 512 px, fp16, 150 steps: 8.6e-4, cosine 0.9999996. A capture that replays stale inputs or gradients is
+    # off by the order of the change itself (relative L2 ~1).
+    assert got[0] < 1e-2 and got[1] > 0.9999
+    assert tokens[0] < 1e-2 and tokens[1] > 0.9999
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
