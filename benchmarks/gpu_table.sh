@@ -77,18 +77,16 @@ for g in $groups; do
       run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs on --lean-activations off --label graphs-lean-off
       run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs on --label graphs
       "$PY" benchmarks/compare_deltas.py "$OUT" graphs eager ;;
-    next)  # the still unmeasured items, most needed first (docs/performance.md): the GPU tests, the example and
-           # our defaults on one machine, checkpointing with and without graphs, SD 2.1 at 768 px, SDXL
+    next)  # the still unmeasured items, most needed first (docs/performance.md): the GPU tests, checkpointing's
+           # delta with and without graphs, bf16 with graphs, what the GPU holds with graphs off, then the example
       graphs_test
-      if [ -n "${DIFFUSERS_EXAMPLE:-}" ]; then run "${sd15[@]}" --mixed-precision fp16 --example "$DIFFUSERS_EXAMPLE"; fi
-      run "${sd15[@]}" --mixed-precision fp16 --label graphs
       run "${sd15[@]}" --mixed-precision fp16 --gradient-checkpointing --label ckpt-graphs
       run "${sd15[@]}" --mixed-precision fp16 --gradient-checkpointing --cuda-graphs off --label ckpt-eager
       late compare || "$PY" benchmarks/compare_deltas.py "$OUT" ckpt-graphs ckpt-eager || true
-      run --arch sd21 --resolution 768 --batch-size 8 --train-steps 60 --sample-steps 2 --mixed-precision fp16 \
-        --label sd21-graphs
-      run --arch sdxl --resolution 1024 --batch-size 2 --train-steps 40 --sample-steps 2 --mixed-precision fp16 \
-        --label sdxl-graphs ;;
+      run "${sd15[@]}" --mixed-precision bf16 --label graphs-bf16
+      run "${sd15[@]}" --mixed-precision fp16 --cuda-graphs off --label eager
+      if [ -n "${DIFFUSERS_EXAMPLE:-}" ]; then run "${sd15[@]}" --mixed-precision fp16 --example "$DIFFUSERS_EXAMPLE"; fi
+      run "${sd15[@]}" --mixed-precision fp16 --label graphs ;;
     suite)  # the test suite on the GPU machine. train() takes the GPU path there (CUDA graphs, fused AdamW, pinned
             # batches, leaner activations), so every training test runs it, the web app's too; a test that fails
             # only here is a GPU-only bug or a tolerance the GPU's summation order breaks. Needs the web app's
