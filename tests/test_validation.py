@@ -280,6 +280,7 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
     # numbers, checked before the base loads
     ("steps-zero", lambda e: _train(e, "--steps", "0"), 2, "--steps 0: must be at least 1"),
     ("batch-negative", lambda e: _train(e, "--batch-size", "-1"), 2, "--batch-size -1"),
+    ("batch-huge", lambda e: _train(e, "--batch-size", "100000"), 2, "--batch-size 100000: must be at most 1024"),
     ("lr-negative-space", lambda e: _train(e, "--learning-rate", "-1e-4"), 2, "--learning-rate -0.0001: must be greater than 0"),
     ("lr-negative-equals", lambda e: _train(e, "--learning-rate=-1e-4"), 2, "--learning-rate -0.0001"),
     ("lr-nan", lambda e: _train(e, "--learning-rate", "nan"), 2, "must be a finite number"),

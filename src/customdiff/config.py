@@ -71,7 +71,9 @@ class TrainConfig:
                      choices=["crossattn_kv", "crossattn", "unet", "tokens"])
     steps: int = opt(250, "optimizer steps (about 250 for one concept, 500 for two, at batch 8)", lo=1,
                      resume=False)
-    batch_size: int = opt(8, "images per step and process, half targets and half regularization images", lo=1)
+    # above 1024 is a typo (SD 1.5 at 512 px takes about 0.5 GiB an image): refused before minutes of loading
+    batch_size: int = opt(8, "images per step and process (up to 1024), half targets and half regularization images", lo=1,
+                          hi=1024, why=" (images per step on each process; a larger batch: --gradient-accumulation)")
     resolution: int = opt(0, "training resolution in pixels; 0 = the base's native size", lo=0, hi=8192,
                           why=" (0 = the base's native size)")
     seed: int = opt(0, "random seed for data order, augmentation, noise and timesteps", lo=0, hi=SEED_MAX)
