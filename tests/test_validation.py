@@ -237,6 +237,12 @@ def _import_foreign_zip(env: Env) -> list[str]:
     return ["import", str(f), "--base", env.base, "-o", str(env.tmp / "out" / "i.safetensors")]
 
 
+def _import_no_attn2(env: Env) -> list[str]:
+    f = env.tmp / "delta.ckpt"  # a checkpoint of something else: said in the one error line, no warning first
+    torch.save({"state_dict": {"model.foo.weight": torch.zeros(3)}}, f)
+    return ["import", str(f), "--base", env.base, "-o", str(env.tmp / "out" / "i.safetensors")]
+
+
 def _merge_onto_input(env: Env) -> list[str]:
     other = env.tmp / "other.safetensors"
     other.write_bytes(env.delta.read_bytes())
@@ -467,6 +473,7 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
     ("delta-missing", lambda e: _sample(e, delta=e.tmp / "gone.safetensors"), 2, "no such delta file"),
     ("checkpoint-nan", _checkpoint_nan, 2, "param.x holds 1 NaN"),
     ("import-nan", _import_nan, 2, "holds NaN or infinite values"),
+    ("import-no-attn2", _import_no_attn2, 2, "no cross-attention (attn2) weights found (it holds 1 other entry"),
     ("import-folder", lambda e: ["import", str(e.tmp), "--base", e.base, "-o", str(e.tmp / "out" / "i.safetensors")],
      2, "is a folder"),
     # accepted, with one warning

@@ -459,10 +459,13 @@ def import_reference(path: str | Path | Sequence[str | Path], pipe: Any, base_na
                             "use the base it was trained from")
         compressed = isinstance(value, Mapping)  # compressed files store the change itself, not the weight
         weights[name] = t.float() if compressed else t.float() - base
+    if not weights:
+        n = len(skipped)
+        held = f" (it holds {n} other {'entry' if n == 1 else 'entries'}, e.g. {skipped[0]})" if skipped else ""
+        raise UserError(f"{path}: no cross-attention (attn2) weights found{held}; give a Custom Diffusion "
+                        "delta.ckpt or delta.bin, or the folder diffusers' Custom Diffusion example wrote")
     if skipped:
         log.warning("%s: ignored %d non-cross-attention entries (e.g. %s)", path, len(skipped), skipped[0])
-    if not weights:
-        raise UserError(f"{path}: no cross-attention (attn2) weights found")
     width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     tokens: dict[str, Tensor] = {}
     tokens_2: dict[str, Tensor] = {}
