@@ -287,6 +287,23 @@ def test_class_image_layouts(tmp_path):
     assert class_images(listed, 10) == [listed / "pics" / "img2.png", listed / "pics" / "img0.png"]
 
 
+def test_images_of_another_kind_are_refused_before_clip_loads(tiny_base, tiny_clip, concept_dirs, tmp_path, main,
+                                                             capsys, monkeypatch):
+    """--images given a folder of photos (not an earlier eval's images/): named at the door, as the folder it
+    lacks, before CLIP loads (it failed after loading CLIP, with the progress bar under way)."""
+    dataset = _dataset(tmp_path / "ds", concept_dirs)
+
+    def no_clip(*a, **k):
+        raise AssertionError("CLIP loaded before --images was checked")
+
+    monkeypatch.setattr("customdiff.evaluate.ClipFeatures", no_clip)
+    assert main(["-q", "eval", "--base", tiny_base, "--dataset", str(dataset), "--clip", tiny_clip,
+                 "--out", str(tmp_path / "o"), "--images", concept_dirs["a"], "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"--images {concept_dirs['a']}: it has no prompts/" in err and "prompts.json" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_eval_refuses_foreign_out(tiny_base, tiny_clip, concept_dirs, tmp_path, main, capsys):
     dataset = _dataset(tmp_path / "ds", concept_dirs)
     out = tmp_path / "mine"

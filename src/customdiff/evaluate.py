@@ -27,7 +27,15 @@ from .errors import UserError
 from .eval_report import PROBE_KEYS, write_results
 from .features import ClipFeatures, resolve_clip
 from .metrics import image_alignment, kid, text_alignment
-from .outputs import IMAGES_DIR, METRICS_FILE, check_out, read_image_folder, staged, write_image_folder
+from .outputs import (
+    IMAGES_DIR,
+    INDEX_FILE,
+    METRICS_FILE,
+    check_out,
+    read_image_folder,
+    staged,
+    write_image_folder,
+)
 from .sample import ChunkedSampler
 from .tokens import find_tokens, undefined_tokens
 from .validate import warn
@@ -38,6 +46,22 @@ __all__ = ["evaluate", "read_dataset", "run_eval"]
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "class"
+
+
+def _class_prompts(entries: Sequence[EvalEntry], template: str) -> list[str]:
+    """The class prompts KID samples, once each: `template` around every concept's class that has real images."""
+    return list(dict.fromkeys(template.replace("{}", c.class_prompt)
+                              for e in entries for c in e.concepts if c.class_dir is not None))
+
+
+def check_images_in(images: Path, entries: Sequence[EvalEntry], class_template: str) -> None:
+    """Refuse an --images folder that lacks a folder `evaluate` will read (before CLIP loads)."""
+    need = [images / "prompts" / e.name for e in entries]
+    need += [images / "class" / _slug(p) for p in _class_prompts(entries, class_template)]
+    for folder in need:
+        if not (folder / INDEX_FILE).is_file():
+            raise UserError(f"--images {images}: it has no {folder.relative_to(images) / INDEX_FILE}; give the "
+                            "images folder an earlier `customdiff eval` wrote with this --dataset (its --out/images)")
 
 
 def _kid_x1000(real: Tensor, fake: Tensor, subsets: int, subset_size: int, seed: int) -> tuple[float, float]:
@@ -82,8 +106,7 @@ def evaluate(pipe: Any, entries: Sequence[EvalEntry], clip: ClipFeatures, cfg: E
         check_tokens(entries, pipeline_vocabulary(pipe))
     img_in = Path(images_in) if images_in is not None else None
     img_out = Path(images_out) if images_out is not None else None
-    class_prompts = list(dict.fromkeys(cfg.class_template.replace("{}", c.class_prompt)
-                                       for e in entries for c in e.concepts if c.class_dir is not None))
+    class_prompts = _class_prompts(entries, cfg.class_template)
     if img_in is None:  # the bar counts sampling calls, or folders read
         total = (sum(len(e.prompts) * math.ceil(cfg.n / cfg.batch) for e in entries)
                  + len(class_prompts) * math.ceil(cfg.n_class / cfg.batch))
@@ -244,6 +267,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         if not Path(cfg.images).is_dir():
             raise UserError(f"--images {cfg.images}: no such folder")
         cfg = replace(cfg, class_template=_class_template_of(Path(cfg.images), cfg.class_template))
+        check_images_in(Path(cfg.images), entries, cfg.class_template)
     loaded = [load_delta(p) for p in cfg.deltas]  # validate every file before the slow loads
     defined = {t for d in loaded for t in d.tokens}
     if cfg.images is None and not cfg.strip_tokens and any(undefined_tokens(e.prompts, defined) for e in entries):
