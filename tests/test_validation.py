@@ -174,6 +174,18 @@ def _out_is_folder(env: Env) -> list[str]:
     return _train(env)
 
 
+def _base_of_class(env: Env, class_name: str, sd_parts: bool) -> str:
+    """A copy of the tiny base whose model_index.json names `class_name`, with or without SD's components."""
+    base = env.tmp / "b"
+    shutil.copytree(env.base, base)
+    index = json.loads((base / "model_index.json").read_text())
+    index["_class_name"] = class_name
+    if not sd_parts:
+        index = {k: v for k, v in index.items() if k.startswith("_")} | {"transformer": ["diffusers", "X"]}
+    (base / "model_index.json").write_text(json.dumps(index))
+    return str(base)
+
+
 def _sample_out_is_file(env: Env) -> list[str]:
     (env.tmp / "s").write_text("x")
     return _sample(env)
@@ -353,6 +365,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
     ("import-pickled-code", _import_code, 2, "which is code, not a tensor"),
     ("import-legacy-pickled-code", _import_legacy_code, 2, "which is code, not a tensor"),
     ("import-foreign-zip", _import_foreign_zip, 2, "a damaged or foreign zip archive, not a PyTorch checkpoint"),
+    ("base-another-kind-of-pipeline", lambda e: _sample(e, "--base", _base_of_class(e, "FluxPipeline", False)), 2,
+     "a FluxPipeline, which customdiff does not train; give a Stable Diffusion 1.x/2.x or SDXL pipeline folder"),
     ("base-neither-folder-nor-hub-id", lambda e: _sample(e, "--base", "nowhere"), 2,
      "--base nowhere: no such folder; give a pipeline folder, a hub id (owner/name) or 'toy'"),
     ("ui-workdir-a-file", lambda e: (e.tmp / "wd").write_text("x") and ["ui", "--workdir", str(e.tmp / "wd")], 2,
@@ -477,6 +491,9 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
     ("import-folder", lambda e: ["import", str(e.tmp), "--base", e.base, "-o", str(e.tmp / "out" / "i.safetensors")],
      2, "is a folder"),
     # accepted, with one warning
+    ("base-another-class-with-sd-parts", lambda e: (e.tmp / "s").mkdir() or _sample(
+        e, "--base", _base_of_class(e, "KandinskyPipeline", True)),
+     0, "a KandinskyPipeline; loading it as StableDiffusionPipeline"),
     ("tiny-photo", lambda e: _train(e, concept=_tiny_photo(e)), 0, "1x1 is smaller than the training resolution 32"),
     ("reg-without-captions", _reg_no_captions, 0, "6 of 6 images have no caption"),
     ("one-photo", lambda e: _train(e, concept=_one_photo(e)), 0, "1 photo of the concept; Custom Diffusion is made for"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import torch
 
 from .conditioning import SD_PIPELINE, XL_PIPELINE
 from .errors import UserError
+from .validate import warn
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +74,31 @@ def _check_local_folder(path: Path) -> str:
         raise UserError(f"--base {path}/model_index.json is not valid JSON ({e}); re-save the pipeline") from e
     if not isinstance(index, dict):
         raise UserError(f"--base {path}/model_index.json is not a JSON object; re-save the pipeline")
-    name = _family(str(index.get("_class_name", "")), path)
-    wanted = _XL_COMPONENTS if name == XL_PIPELINE else _COMPONENTS
+    class_name = str(index.get("_class_name") or "")
+    wanted = _XL_COMPONENTS if class_name.startswith("StableDiffusionXL") else _COMPONENTS
     missing = [c for c in wanted if not isinstance(index.get(c), list) or index[c][0] is None
                or not (path / c).is_dir()]
+    if missing and class_name and not class_name.startswith("StableDiffusion"):
+        raise UserError(f"--base {path}: a {class_name}, which customdiff does not train; give a Stable Diffusion "
+                        "1.x/2.x or SDXL pipeline folder")
     if missing:
         raise UserError(f"--base {path}: missing pipeline components {', '.join(missing)}; save it with save_pretrained")
-    return name
+    return _family(class_name, path)
+
+
+@functools.cache  # once per folder: a command reads model_index.json at its checks and again as it loads
+def _loading_as(where: str, class_name: str, family: str) -> None:
+    warn(f"--base {where}: a {class_name}; loading it as {family}")
 
 
 def _family(class_name: str, where: Any) -> str:
     """StableDiffusionXLPipeline for SDXL text-to-image folders, StableDiffusionPipeline for the rest."""
     if class_name.startswith("StableDiffusionXL"):
         if class_name != XL_PIPELINE:
-            log.warning("--base %s: a %s; loading it as %s", where, class_name, XL_PIPELINE)
+            _loading_as(str(where), class_name, XL_PIPELINE)
         return XL_PIPELINE
+    if class_name and not class_name.startswith("StableDiffusion"):
+        _loading_as(str(where), class_name, SD_PIPELINE)
     return SD_PIPELINE
 
 
