@@ -12,7 +12,8 @@ import torch
 from customdiff.base import load_pipeline
 from customdiff.config import TrainConfig
 from customdiff.data import ConceptSpec
-from customdiff.delta import apply_deltas, load_delta, save_delta
+from customdiff.delta import apply_deltas, check_base, load_delta, save_delta
+from customdiff.errors import UserError
 from customdiff.sample import generate
 from customdiff.train import train
 
@@ -285,3 +286,16 @@ def test_a_finished_run_is_recognised_by_what_sets_its_result(tiny_base, concept
     image = next(p for p in sorted(reg.iterdir()) if p.suffix == ".png")
     os.utime(image, ns=(0, 0))  # a regularization image replaced
     assert _run_digest(cfg, [spec], "photos") != first
+
+
+def test_a_tensor_taken_out_of_a_delta_leaves_the_base_check_to_the_rest(trained_delta, tiny_base, other_base):
+    """A delta with one change removed by hand still records that tensor's base norm in its fingerprint: the check
+    of its base looks only at what it changes (it said the weights of the removed tensor "differ")."""
+    from dataclasses import replace
+
+    d = load_delta(trained_delta)
+    gone = d.param_names()[0]
+    fewer = replace(d, weights={k: v for k, v in d.weights.items() if k != gone})
+    check_base(fewer, load_pipeline(tiny_base).unet, "fewer.safetensors")
+    with pytest.raises(UserError, match="made for another base"):  # another base is still told apart
+        check_base(fewer, load_pipeline(other_base).unet, "fewer.safetensors")
