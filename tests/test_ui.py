@@ -175,6 +175,7 @@ def test_queue_library_merge_compress_export_sample(server):
     merged = server.run_task("/api/deltas/merge", {"deltas": names, "name": "both"})
     assert merged["delta"] == "both.safetensors" and sorted(merged["tokens"]) == ["<new1>", "<new2>"]
     assert merged["worst"] < 1e-3 and merged["residuals"]
+    assert merged["renamed"] == ["<new1> of mine-1.safetensors is <new2> in it"]  # both were trained as <new1>
     small = server.run_task("/api/deltas/both.safetensors/compress", {"energy": 0.6})
     assert small["after"] < small["before"]
     lora = server.run_task(f"/api/deltas/{names[0]}/export", {})

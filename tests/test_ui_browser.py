@@ -187,6 +187,14 @@ def test_bad_input_is_a_message_in_the_page(browser, server, shots, tmp_path):
     page.fill("#token", "<new1>")
     page.fill("#class-word", "two words")
     assert "give one word" in teach_and_read("bad-04-class-word.png")
+    page.fill("#class-word", cls)
+    # a value the browser refuses inside the folded Advanced section: Teach did nothing at all, with no message
+    page.evaluate("document.querySelector('#advanced').open = false; document.querySelector('#steps').value = '0'")
+    page.click("#teach-button")
+    page.wait_for_function("document.querySelector('#advanced').open")
+    assert page.evaluate("document.querySelector('#steps').matches(':invalid')")
+    page.screenshot(path=shots / "bad-05-steps-in-folded-section.png")
+    page.fill("#steps", "30")
     assert page.locator("#job-list li").count() == 0  # nothing was queued
     assert not any((server.workdir / "jobs").iterdir())  # and nothing was left behind
 
@@ -201,5 +209,5 @@ def test_bad_input_is_a_message_in_the_page(browser, server, shots, tmp_path):
     msg = page.inner_text("#message-text")
     assert msg.startswith("other base.safetensors: made for another base"), msg
     assert page.locator("#deltas tbody tr").count() == 0
-    page.screenshot(path=shots / "bad-05-delta-for-another-base.png")
+    page.screenshot(path=shots / "bad-06-delta-for-another-base.png")
     page.context.close()

@@ -318,8 +318,9 @@ def _check_tokens(d: Delta, src: str, pipe: Any, owner: dict[str, str]) -> None:
         if tok in owner and owner[tok] == src:
             raise UserError(f"{src}: given twice; apply each delta once")
         if tok in owner:
-            raise UserError(f"{src}: token {tok} is also defined by {owner[tok]}; merge them with "
-                            "`customdiff merge`, which renames clashing tokens")
+            raise UserError(f"{src}: token {tok} is also defined by {owner[tok]}; merge them first "
+                            "(`customdiff merge`; in the web app, Library, Merge selected), which renames clashing "
+                            "tokens")
         owner[tok] = src
         for side in sides(pipe):
             if in_vocabulary(getattr(pipe, side.tokenizer), tok):

@@ -88,6 +88,7 @@ function setPhotos(files) {
   thumbs.replaceChildren();
   for (const f of chosenPhotos) thumbs.append(el("img", { src: URL.createObjectURL(f), alt: f.name, title: f.name }));
   if (files.length && !chosenPhotos.length) showMessage("none of these files is an image");
+  else if (chosenPhotos.length && $("message").className !== "info") clearMessage();  // the old error is answered
 }
 
 function regChanged() {
@@ -158,6 +159,7 @@ function renderJob(job) {
   const pct = job.total ? Math.floor(100 * job.step / job.total) : 0;
   $("job-bar-fill").style.width = pct + "%";
   $("job-percent").textContent = pct + "%";
+  $("job-percent").classList.toggle("on-fill", pct >= 50);  // the label's middle lies on the fill from 50%
   $("job-bar").setAttribute("aria-valuenow", String(pct));
   $("job-step").textContent = job.step;
   $("job-total").textContent = job.total;
@@ -203,9 +205,18 @@ function shownJobId(snap) {
 }
 
 let finished = new Set();
+let serverDown = null;  // the message shown while the server does not answer, cleared when it answers again
 async function pollJobs() {
   let snap;
-  try { snap = await api("/api/jobs"); } catch (e) { return; }
+  try { snap = await api("/api/jobs"); } catch (e) {
+    if (!serverDown) { serverDown = e.message + "; the page goes on once it answers again"; showMessage(serverDown); }
+    return;
+  }
+  if (serverDown) {
+    if (!$("message").hidden && $("message-text").textContent === serverDown) clearMessage();
+    serverDown = null;
+    lastJobsJSON = "";
+  }
   const text = JSON.stringify(snap);
   if (text === lastJobsJSON) return;
   lastJobsJSON = text;
@@ -288,7 +299,9 @@ async function libraryTask(label, path, json) {
 }
 
 async function compress(name) {
-  const energy = parseFloat($("compress-energy").value);
+  const typed = $("compress-energy").value.trim();
+  const energy = Number(typed);
+  if (!typed || !Number.isFinite(energy)) { showMessage(`energy: give a number in (0, 1], e.g. 0.9 (got '${typed}')`); return; }
   const r = await libraryTask("compressing " + name, `/api/deltas/${encodeURIComponent(name)}/compress`, { energy });
   if (r) showMessage(`${r.delta}: ${human(r.before)} → ${human(r.after)}`, "info");
 }
@@ -316,7 +329,8 @@ async function merge() {
   const r = await libraryTask("merging " + names.join(" + "), "/api/deltas/merge", { deltas: names, name: $("merge-name").value });
   if (!r) return;
   $("merge-result").hidden = false;
-  $("merge-summary").textContent = `${r.delta}: tokens ${r.tokens.join(", ")}; worst constraint residual ${r.worst.toExponential(2)} (exact merge: near 1e-7; plain averaging: about 0.9)`;
+  const renamed = r.renamed.length ? ` (renamed, as two deltas used one token: ${r.renamed.join("; ")})` : "";
+  $("merge-summary").textContent = `${r.delta}: tokens ${r.tokens.join(", ")}${renamed}; worst constraint residual ${r.worst.toExponential(2)} (exact merge: near 1e-7; plain averaging: about 0.9)`;
   $("residuals").tBodies[0].replaceChildren(...Object.entries(r.residuals).map(([k, v]) =>
     el("tr", {}, el("td", { text: k }), el("td", { text: v.toExponential(2) }))));
 }
@@ -424,13 +438,20 @@ async function start() {
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); setPhotos(e.dataTransfer.files); });
   $("reg").addEventListener("change", regChanged);
   $("teach-form").addEventListener("submit", teach);
+  // a field the browser finds invalid inside a folded section cannot be pointed at: Teach did nothing
+  $("teach-form").addEventListener("invalid", (e) => { const d = e.target.closest("details"); if (d) d.open = true; }, true);
+  $("teach-button").addEventListener("click", () => {
+    const bad = $("teach-form").querySelector(":invalid");
+    if (bad && bad.closest("details")) bad.closest("details").open = true;
+  });
   $("job-stop").addEventListener("click", () => jobAction("stop"));
   $("job-resume").addEventListener("click", () => jobAction("resume"));
   $("job-sample").addEventListener("click", async () => {
     await refreshLibrary();
     const job = lastJobsJSON ? JSON.parse(lastJobsJSON).jobs.find((j) => j.id === $("job").dataset.id) : null;
     showTab("sample");
-    if (job && job.delta) renderSampleDeltas([job.delta]);
+    if (job && job.delta && !DELTAS.some((d) => d.name === job.delta)) showMessage(`${job.delta} is no longer in the library (deleted?)`);
+    else if (job && job.delta) renderSampleDeltas([job.delta]);
   });
   $("sample-button").addEventListener("click", sample);
   $("merge-button").addEventListener("click", merge);
