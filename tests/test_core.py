@@ -168,6 +168,11 @@ def test_resume_equals_uninterrupted(tiny_base, concept_dirs, tmp_path, monkeypa
     assert not out.exists() and tr.checkpoint_dir(out).is_dir()
     monkeypatch.setattr(tr, "_save_checkpoint", original)
     cfg.resume = True
+    cfg.steps = 2  # fewer steps than the checkpoint holds: the delta would say 2 and hold 3
+    with pytest.raises(UserError, match="is at step 3, past it; give --steps 3 or more"):
+        train(cfg, [_spec(concept_dirs)], progress=False)
+    assert not out.exists() and tr.checkpoint_dir(out).is_dir()
+    cfg.steps = 6
     train(cfg, [_spec(concept_dirs)], progress=False)
     a, b = load_delta(full), load_delta(out)
     assert a.weights.keys() == b.weights.keys()

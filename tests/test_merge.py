@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -250,6 +251,17 @@ def test_compress_round_trip_and_sampling(pair, tiny_base, tmp_path):
         imgs.append(pipe("photo of a <new1> cat", generator=torch.Generator("cpu").manual_seed(0), **kw).images)
         applied.remove()
     assert np.abs(imgs[0] - imgs[1]).max() < 1e-4
+
+
+def test_compressing_a_merged_delta_by_energy_warns(pair, merged, caplog):
+    """A merged delta's change is one dominant direction, so an energy keeps rank 1-2 of it (docs/MERGE.md); by
+    rank, or a trained delta by energy, nothing to say."""
+    with caplog.at_level(logging.WARNING):
+        compress_delta(pair["a"], energy=0.6)
+        compress_delta(merged, rank=2)
+        assert "a merged delta" not in caplog.text
+        compress_delta(merged, energy=0.6)
+    assert "a merged delta: its change is dominated by one direction, so --energy 0.6 kept ranks" in caplog.text
 
 
 def test_compress_rejects_bad_arguments(pair):

@@ -65,6 +65,10 @@ def compress_delta(delta: Delta, energy: float | None = None, rank: int | None =
     log.info("compressed %d matrices to ranks %d-%d: %.1f KiB -> %.1f KiB (%.1f%%)", len(ranks),
              min(ranks.values(), default=0), max(ranks.values(), default=0), before / 1024, after / 1024,
              100.0 * after / max(before, 1))
+    if energy is not None and "merge_residuals" in delta.extra:
+        warn(f"a merged delta: its change is dominated by one direction, so --energy {energy:g} kept ranks "
+             f"{min(ranks.values())}-{max(ranks.values())}, which can lose its concepts (docs/MERGE.md); give "
+             "--rank or a higher --energy and look at its samples")
     if after >= before:
         warn(f"the compressed delta ({after / 1024:.1f} KiB) is not smaller than the full one ({before / 1024:.1f} "
              "KiB): rank-r factors hold r x (rows + columns) numbers, more than the matrix itself at high ranks; "

@@ -409,6 +409,9 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     if cfg.resume:
         if (ckpt / "latest.safetensors").is_file():
             start = _load_checkpoint(ckpt, cfg, params, optimizer, accelerator.scaler)
+            if start > cfg.steps:  # the delta would say --steps and hold more training than that
+                raise UserError(f"--steps {cfg.steps}: the checkpoint in {ckpt} is at step {start}, past it; give "
+                                f"--steps {start} or more to go on from it, or train afresh without --resume")
             log.info("resuming %s from step %d", out, start)
         else:
             log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt)
