@@ -491,6 +491,9 @@ CASES: list[tuple[str, Callable[[Env], list[str]], int, str]] = [
     ("import-folder", lambda e: ["import", str(e.tmp), "--base", e.base, "-o", str(e.tmp / "out" / "i.safetensors")],
      2, "is a folder"),
     # accepted, with one warning
+    ("sample-prompt-cut-off", lambda e: (e.tmp / "s").mkdir() or [
+        "sample", "--base", e.base, "--prompt", "photo of a cat " + "very " * 80 + "on grass", "--n", "1",
+        "--steps", "2", "--out", str(e.tmp / "s")], 0, "is cut off and left out of the images"),
     ("base-another-class-with-sd-parts", lambda e: (e.tmp / "s").mkdir() or _sample(
         e, "--base", _base_of_class(e, "KandinskyPipeline", True)),
      0, "a KandinskyPipeline; loading it as StableDiffusionPipeline"),

@@ -66,9 +66,10 @@ def step_check(cancel: threading.Event | None) -> Callable[[Any, int, Any, dict[
 
 def check_token_reach(pipe: Any, prompts: Sequence[str]) -> None:
     """Refuse a prompt whose modifier token lands past what the text encoder reads: the pipeline would cut it
-    off, and the concept would be silently left out of the images."""
+    off, and the concept would be silently left out of the images. Warn of a prompt whose other words are cut."""
     from .conditioning import sides
     from .tokens import find_tokens, token_position
+    from .validate import warn
 
     for side in sides(pipe):
         tok = getattr(pipe, side.tokenizer)
@@ -79,6 +80,13 @@ def check_token_reach(pipe: Any, prompts: Sequence[str]) -> None:
                     raise UserError(f"prompt {p[:60]!r}...: {t} comes at token {at}, past the {tok.model_max_length} "
                                     "tokens the text encoder reads, so its concept would be left out; shorten the "
                                     "words before it")
+    tok = pipe.tokenizer  # every side reads as many tokens (diffusers' own warning of the cut is silenced)
+    for p in dict.fromkeys(prompts):
+        ids = tok(p).input_ids
+        if len(ids) > tok.model_max_length:
+            last = tok.decode(ids[1:tok.model_max_length - 1]).split()[-3:]
+            warn(f"prompt {p[:60]!r}: {len(ids)} tokens, the text encoder reads {tok.model_max_length}; what comes "
+                 f"after {' '.join(last)!r} is cut off and left out of the images")
 
 
 def check_timesteps(pipe: Any, steps: int) -> None:
