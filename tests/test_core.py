@@ -169,7 +169,8 @@ def test_resume_equals_uninterrupted(tiny_base, concept_dirs, tmp_path, monkeypa
     monkeypatch.setattr(tr, "_save_checkpoint", original)
     cfg.resume = True
     cfg.steps = 2  # fewer steps than the checkpoint holds: the delta would say 2 and hold 3
-    with pytest.raises(UserError, match="is at step 3, past it; give --steps 3 or more"):
+    with monkeypatch.context() as m, pytest.raises(UserError, match="is at step 3, past it; give --steps 3 or more"):
+        m.setattr(tr, "load_pipeline", lambda *a, **k: pytest.fail("the base loaded before the step was checked"))
         train(cfg, [_spec(concept_dirs)], progress=False)
     assert not out.exists() and tr.checkpoint_dir(out).is_dir()
     cfg.steps = 6

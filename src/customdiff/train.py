@@ -229,6 +229,9 @@ def check_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, torch.Tensor]:
         raise UserError(f"{file}: not a customdiff checkpoint (bad metadata: {e}); delete {path} to start over") from e
     if not isinstance(saved, dict) or step < 0:
         raise UserError(f"{file}: not a customdiff checkpoint; delete {path} to start over")
+    if step > cfg.steps:  # the delta would say --steps and hold more training than that
+        raise UserError(f"--steps {cfg.steps}: the checkpoint in {path} is at step {step}, past it; give "
+                        f"--steps {step} or more to go on from it, or train afresh without --resume")
     tensors = read_tensors(file)
     check_finite(tensors, file)
     differ = cfg.resume_changes(saved)
@@ -409,9 +412,6 @@ def train(cfg: TrainConfig, specs: list[ConceptSpec], progress: bool = True, pip
     if cfg.resume:
         if (ckpt / "latest.safetensors").is_file():
             start = _load_checkpoint(ckpt, cfg, params, optimizer, accelerator.scaler)
-            if start > cfg.steps:  # the delta would say --steps and hold more training than that
-                raise UserError(f"--steps {cfg.steps}: the checkpoint in {ckpt} is at step {start}, past it; give "
-                                f"--steps {start} or more to go on from it, or train afresh without --resume")
             log.info("resuming %s from step %d", out, start)
         else:
             log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt)
