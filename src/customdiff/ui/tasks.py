@@ -149,9 +149,8 @@ class Tasks:
         dest = self.wd.unique(self.wd.deltas, safe_name(name, "merged"), ".safetensors")
         save_delta(merged, dest)
         residuals = json.loads(merged.extra["merge_residuals"])
-        olds = [(src, t) for src, d in zip(names, deltas, strict=True) for t in d.tokens]  # merge_deltas' order
-        renamed = [f"{t} of {src} is {info['token']} in it" for (src, t), info in zip(olds, merged.token_info,
-                                                                                     strict=True) if info["token"] != t]
+        renamed = [f"{old} of {src['source']} is {new} in it" for src in json.loads(merged.extra["merge_sources"])
+                   for old, new in src["tokens"].items() if old != new]  # the merge records each source's renames
         return {"delta": dest.name, "tokens": [t["token"] for t in merged.token_info], "renamed": renamed,
                 "residuals": {k: v["constraint"] for k, v in residuals.items()},
                 "worst": max((v["constraint"] for v in residuals.values()), default=0.0)}
