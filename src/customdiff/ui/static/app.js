@@ -438,8 +438,8 @@ async function start() {
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); setPhotos(e.dataTransfer.files); });
   $("reg").addEventListener("change", regChanged);
   $("teach-form").addEventListener("submit", teach);
-  // a field the browser finds invalid inside a folded section cannot be pointed at: Teach did nothing
-  $("teach-form").addEventListener("invalid", (e) => { const d = e.target.closest("details"); if (d) d.open = true; }, true);
+  // a field the browser finds invalid inside a folded section cannot be pointed at, so Teach did nothing: open it
+  // first (Enter in a field clicks this button too)
   $("teach-button").addEventListener("click", () => {
     const bad = $("teach-form").querySelector(":invalid");
     if (bad && bad.closest("details")) bad.closest("details").open = true;
